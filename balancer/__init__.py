@@ -1,0 +1,61 @@
+"""gradient-balancer: per-group gradient balancing for any torch optimizer.
+
+``Balancer(inner, plugins=[...])`` wraps a ``torch.optim.Optimizer``. Gradients are tagged by
+group (``with opt.group(name): loss.backward()``); plugins turn per-group statistics into
+weights before the wrapped optimizer steps.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .config import BalancerConfig, PluginSpec, build_plugins, config_schema, load_config
+from .errors import (
+    BalancerError,
+    CaptureError,
+    ConfigError,
+    NonFiniteGradientError,
+    NonFiniteGradientWarning,
+    PluginError,
+    PluginLoadError,
+    PluginWarning,
+    StateDictError,
+)
+from .hookspecs import hookimpl
+from .optimizer import Balancer
+from .plugin import Plugin, PluginOptions, State
+from .registry import PluginInfo, Registry, default_registry, list_plugins
+from .stats import GroupStats
+
+try:
+    __version__ = version("gradient-balancer")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
+    __version__ = "0+unknown"
+
+__all__ = [
+    "Balancer",
+    "BalancerConfig",
+    "BalancerError",
+    "CaptureError",
+    "ConfigError",
+    "GroupStats",
+    "NonFiniteGradientError",
+    "NonFiniteGradientWarning",
+    "Plugin",
+    "PluginError",
+    "PluginInfo",
+    "PluginLoadError",
+    "PluginOptions",
+    "PluginSpec",
+    "PluginWarning",
+    "Registry",
+    "State",
+    "StateDictError",
+    "__version__",
+    "build_plugins",
+    "config_schema",
+    "default_registry",
+    "hookimpl",
+    "list_plugins",
+    "load_config",
+]

@@ -1,0 +1,89 @@
+"""Input validation for the Balancer: each check names what was wrong, the value found, and the fix."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .errors import CaptureError, PluginError
+from .stats import GroupStats
+
+
+def check_group_name(name: Any) -> None:
+    if not isinstance(name, str) or not name.strip():
+        raise CaptureError(f"A group name must be a non-empty string. Found `{name!r}`.")
+
+
+def check_loss(name: str, loss: Any) -> None:
+    if not isinstance(loss, Tensor):
+        raise CaptureError(f"The loss of group `{name}` must be a tensor. Found `{type(loss).__name__}`.")
+    if loss.numel() != 1:
+        raise CaptureError(
+            f"The loss of group `{name}` must be a scalar. Found shape {tuple(loss.shape)}; reduce it first "
+            "(e.g. `.mean()` or `.sum()`)."
+        )
+    if not loss.requires_grad:
+        raise CaptureError(
+            f"The loss of group `{name}` does not require grad: it is not connected to any trained parameter."
+        )
+
+
+def _optimizer_param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def check_model_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    known = _optimizer_param_ids(optimizer)
+    missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in known]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CaptureError(
+            f"{len(missing)} trainable parameter(s) of the model are not in the inner optimizer: {shown}. "
+            "Their gradients would never be balanced or applied. Pass them to the optimizer, or set "
+            "`requires_grad_(False)` on the ones you mean to freeze."
+        )
+
+
+def check_graph_leaves(losses: Iterable[Tensor], optimizer: torch.optim.Optimizer) -> None:
+    """Walks the autograd graphs once and refuses leaves that require grad but are not optimized."""
+    known = _optimizer_param_ids(optimizer)
+    seen: set[int] = set()
+    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    foreign: list[tuple[int, ...]] = []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) not in known:
+            foreign.append(tuple(variable.shape))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    if foreign:
+        raise CaptureError(
+            f"{len(foreign)} tensor(s) that require grad feed these losses but are not in the inner optimizer "
+            f"(shapes {foreign[:5]}). Their gradients would never be balanced or applied. Add them to the "
+            "optimizer or call `requires_grad_(False)` on them."
+        )
+
+
+def check_weights(plugin: str, weights: Any, stats: GroupStats) -> Tensor:
+    k = stats.num_groups
+    if not isinstance(weights, Tensor):
+        raise PluginError(f"Plugin `{plugin}` returned `{type(weights).__name__}`; weights must be a tensor.")
+    if weights.shape != (k,):
+        raise PluginError(
+            f"Plugin `{plugin}` returned weights of shape {tuple(weights.shape)} for {k} groups. "
+            f"Weights must have one entry per group: {list(stats.names)}. Step refused; parameters untouched."
+        )
+    if weights.device != stats.gram.device:
+        raise PluginError(
+            f"Plugin `{plugin}` returned weights on `{weights.device}`; they must be on the stats device "
+            f"`{stats.gram.device}` (create them from `stats.gram` or the incoming weights)."
+        )
+    if not weights.is_floating_point():
+        raise PluginError(f"Plugin `{plugin}` returned weights of dtype {weights.dtype}; use a floating dtype.")
+    return weights.to(torch.float64)

@@ -1,0 +1,91 @@
+"""The backend seam: where group gradients live and how their statistics are reduced.
+
+The :class:`~balancer.Balancer` core only talks to a :class:`Backend`. The local backend
+(:mod:`balancer.local`) keeps one flat ``[k, n]`` buffer per (device, dtype); distributed
+backends (DDP, FSDP2, DeepSpeed ZeRO, in ``balancer.integrations``) keep each rank's share of
+the reduced group gradients and add one all-reduce of the packed Gram matrix.
+
+The step protocol, as the core drives it::
+
+    backend.enter(name) ... backward ... backend.exit()      # any number of times, any order
+    gram = backend.gram()           # [k, k] float64, global, on backend.stats_device
+    backend.drop(rows)              # only when some groups were non-finite
+    backend.combine(weights, ...)   # Σ_k w_k g_k (+ ungrouped) where the inner optimizer reads it
+    inner.step()
+    backend.end_step()
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Backend"]
+
+
+class Backend(abc.ABC):
+    """Holds the group gradients of one step and computes their statistics."""
+
+    @property
+    @abc.abstractmethod
+    def names(self) -> tuple[str, ...]:
+        """Groups that have been entered since the last ``end_step``, in first-entry order."""
+
+    @property
+    @abc.abstractmethod
+    def active(self) -> str | None:
+        """The group currently being captured, or ``None``."""
+
+    @property
+    @abc.abstractmethod
+    def stats_device(self) -> torch.device:
+        """Device of the Gram matrix and weights."""
+
+    @abc.abstractmethod
+    def enter(self, name: str) -> None:
+        """Routes gradients produced from now on into group ``name``'s row."""
+
+    @abc.abstractmethod
+    def exit(self) -> None:
+        """Routes gradients back to the ungrouped gradient."""
+
+    @abc.abstractmethod
+    def gram(self) -> Tensor:
+        """The exact global ``[k, k]`` float64 Gram matrix of the present groups."""
+
+    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        """Sums a small tensor across ranks (identity for a single process)."""
+        return tensor
+
+    @abc.abstractmethod
+    def expose_ungrouped(self, poison: Tensor | None = None) -> None:
+        """Makes every parameter's ``.grad`` hold its ungrouped gradient (zeros where there is none).
+
+        If ``poison`` (a 0-d bool tensor) is true, a NaN is written into one ungrouped element,
+        without synchronising with the device, so that a gradient checker reading ``.grad``
+        (``GradScaler``) sees the non-finite group gradients. :meth:`combine` or
+        :meth:`end_step` undo it.
+        """
+
+    @abc.abstractmethod
+    def drop(self, rows: Sequence[int]) -> None:
+        """Zeroes the rows of non-finite groups so they cannot leak into the combination."""
+
+    @abc.abstractmethod
+    def combine(self, weights: Tensor, *, scale: float = 1.0) -> None:
+        """Writes ``scale · (ungrouped + Σ_k weights_k g_k)`` where the inner optimizer reads gradients."""
+
+    @abc.abstractmethod
+    def end_step(self) -> None:
+        """Forgets the groups of this step (their rows are reused next step)."""
+
+    @abc.abstractmethod
+    def zero_grad(self, set_to_none: bool) -> None:
+        """Clears the ungrouped gradients and any pending group gradients."""
+
+    @abc.abstractmethod
+    def extra_bytes(self) -> int:
+        """Bytes held for group gradients beyond what ``.grad`` alone would need."""

@@ -1,0 +1,396 @@
+"""``Balancer``: a ``torch.optim.Optimizer`` that reweights group gradients, then lets the
+wrapped optimizer step.
+
+One step, as data flows::
+
+    with opt.group(name): loss.backward()   # grads land in group rows (views, no copy)
+    opt.step():  G = A Aᵀ  ->  w = p_n(... p_1(stats, 1) ...)  ->  grad = ungrouped + Aᵀ w  ->  inner.step()
+
+Gradients produced outside every group block are added to the update as they are (weight 1).
+A group that receives no gradient in a step is simply absent: plugins see only the groups
+present, its weight is not computed, and its plugin state (e.g. an EMA) is left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._checks import check_graph_leaves, check_group_name, check_loss, check_model_params, check_weights
+from ._state import load_balancer_section, make_balancer_section
+from .backend import Backend
+from .config import BalancerConfig, NonFinitePolicy, build_plugins, load_config
+from .errors import CaptureError, NonFiniteGradientError, NonFiniteGradientWarning, PluginError
+from .local import LocalBackend
+from .plugin import Plugin, State
+from .registry import Registry
+from .stats import GroupStats
+
+__all__ = ["Balancer"]
+
+_HOOK_REGISTRIES = (
+    "_optimizer_step_pre_hooks",
+    "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks",
+    "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks",
+    "_optimizer_load_state_dict_post_hooks",
+)
+
+
+class Balancer(torch.optim.Optimizer):
+    """Wraps a torch optimizer; plugins weight the tagged group gradients before it steps.
+
+    Args:
+        inner: any ``torch.optim.Optimizer``. Its ``param_groups``, ``state`` and ``defaults`` are
+            this object's (forwarded, never copied), so LR schedulers and ``GradScaler`` work on
+            the Balancer as on the optimizer it wraps.
+        plugins: applied in this order. Registry names (``"task_norm"``), ``(name, options)``
+            pairs, ``{"name", "options"}`` dicts, plugin classes or plugin instances.
+        on_nonfinite: a group gradient with NaN/inf gets weight 0 and a
+            :class:`~balancer.errors.NonFiniteGradientWarning` (``"zero"``), or the step is refused
+            with :class:`~balancer.errors.NonFiniteGradientError` (``"raise"``). Under a
+            ``GradScaler`` an overflow skips the whole step instead, as AMP expects.
+        model: optional; if given, every trainable parameter of it must be in ``inner``.
+
+    Example::
+
+        opt = Balancer(torch.optim.AdamW(model.parameters(), lr=1e-4), plugins=["task_norm"])
+        with opt.group("math"):
+            loss_math.backward()
+        with opt.group("code"):
+            loss_code.backward()
+        opt.step()
+        opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        inner: torch.optim.Optimizer,
+        plugins: Iterable[Any] = (),
+        *,
+        on_nonfinite: NonFinitePolicy = "zero",
+        model: torch.nn.Module | None = None,
+        registry: Registry | None = None,
+        backend: Backend | None = None,
+    ) -> None:
+        if not isinstance(inner, torch.optim.Optimizer):
+            raise TypeError(
+                f"Balancer wraps a torch.optim.Optimizer. Found `{type(inner).__name__}`. "
+                "Create the optimizer first, e.g. Balancer(torch.optim.AdamW(model.parameters()), ...)."
+            )
+        if isinstance(inner, Balancer):
+            raise TypeError("Balancer(Balancer(...)): wrap the inner optimizer once and list all plugins there.")
+        if on_nonfinite not in ("zero", "raise"):
+            raise ValueError(f"`on_nonfinite` must be 'zero' or 'raise'. Found `on_nonfinite = {on_nonfinite!r}`.")
+        if model is not None:
+            check_model_params(model, inner)
+        self._inner = inner
+        self._plugins: tuple[Plugin, ...] = tuple(build_plugins(plugins, registry))
+        self._plugin_states: dict[str, State] = {p.name: p.init() for p in self._plugins}
+        self._backend: Backend = backend if backend is not None else LocalBackend(self._inner_param_groups)
+        self.on_nonfinite: NonFinitePolicy = on_nonfinite
+        self.last_stats: GroupStats | None = None
+        self._step_count = 0
+        self._losses: dict[str, Tensor] = {}
+        self._captures: dict[str, int] = {}
+        self._graph_checked = False
+        self._early_gram: Tensor | None = None
+        self._init_optimizer_machinery()
+
+    @classmethod
+    def from_config(
+        cls, inner: torch.optim.Optimizer, config: BalancerConfig | Mapping[str, Any] | str, **kwargs: Any
+    ) -> Balancer:
+        """Builds a Balancer from a config dict, a JSON file path or a :class:`BalancerConfig`."""
+        cfg = load_config(config)
+        specs = [(spec.name, spec.options) for spec in cfg.plugins]
+        return cls(inner, specs, on_nonfinite=cfg.on_nonfinite, **kwargs)
+
+    def _init_optimizer_machinery(self) -> None:
+        # What Optimizer.__init__ sets up, without taking ownership of the parameters.
+        for attr in _HOOK_REGISTRIES:
+            if attr not in self.__dict__:
+                setattr(self, attr, OrderedDict())
+        self._patch_step_function()
+
+    def _inner_param_groups(self) -> list[dict[str, Any]]:
+        return self._inner.param_groups
+
+    # -- forwarding: properties with setters, never aliased copies ---------------------------
+    @property  # type: ignore[override]
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self._inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self._inner.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Any:
+        return self._inner.state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._inner.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> dict[str, Any]:
+        return self._inner.defaults
+
+    @defaults.setter
+    def defaults(self, value: dict[str, Any]) -> None:
+        self._inner.defaults = value
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self._inner.add_param_group(param_group)
+
+    @property
+    def inner(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer."""
+        return self._inner
+
+    @property
+    def plugins(self) -> tuple[Plugin, ...]:
+        return self._plugins
+
+    @property
+    def plugin_states(self) -> Mapping[str, State]:
+        """Each plugin's current state, by plugin name (read-only view)."""
+        return dict(self._plugin_states)
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    # -- AMP ---------------------------------------------------------------------------------
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler.step reads this flag right before it checks `.grad` for inf/NaN. Group
+        # gradients sit in their rows, not in `.grad`, so this is the moment to let the scaler
+        # see them: the ungrouped grads go to `.grad` and, if any group is non-finite, a NaN is
+        # planted there (no host sync) so that the scaler skips the step and backs off. The
+        # scaler then passes `grad_scale`; step() folds 1/scale into the combination.
+        if self._backend.names and self._backend.active is None:
+            self._early_gram = self._backend.gram()
+            poison = ~torch.isfinite(self._early_gram.diagonal()).all()
+            self._backend.expose_ungrouped(poison)
+        return True
+
+    # -- capture -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def group(self, name: str) -> Iterator[None]:
+        """Gradients from backward passes inside this block belong to group ``name``."""
+        check_group_name(name)
+        active = self._backend.active
+        if active is not None:
+            raise CaptureError(
+                f"Cannot enter group `{name}` inside group `{active}`: group blocks do not nest. "
+                "Close the first block before opening the next."
+            )
+        self._early_gram = None
+        self._backend.enter(name)
+        self._captures[name] = self._captures.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            self._backend.exit()
+
+    def backward(self, losses: Mapping[str, Tensor], *, retain_graph: bool | None = None) -> None:
+        """Runs one backward pass per group: ``opt.backward({"math": l1, "code": l2})``.
+
+        Losses may share a graph: every backward but the last retains it. The loss values are
+        recorded for the plugins (``stats.losses``).
+        """
+        if not isinstance(losses, Mapping) or not losses:
+            raise CaptureError(f"backward() takes a non-empty dict {{group name: scalar loss}}. Found `{losses!r}`.")
+        for name, loss in losses.items():
+            check_group_name(name)
+            check_loss(name, loss)
+        if not self._graph_checked:
+            check_graph_leaves(losses.values(), self._inner)
+            self._graph_checked = True
+        items = list(losses.items())
+        for i, (name, loss) in enumerate(items):
+            with self.group(name):
+                keep = True if i < len(items) - 1 else retain_graph
+                loss.backward(retain_graph=keep)
+            value = loss.detach().reshape(()).to(torch.float64)
+            self._losses[name] = self._losses[name] + value if name in self._losses else value
+
+    # -- the step ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        """Combines the group gradients with the plugins' weights, then steps the inner optimizer."""
+        active = self._backend.active
+        if active is not None:
+            raise CaptureError(f"step() called inside group `{active}`. Call it after the group block.")
+        grad_scale: Tensor | None = getattr(self, "grad_scale", None)
+        found_inf: Tensor | None = getattr(self, "found_inf", None)
+        names = self._backend.names
+        if found_inf is not None and grad_scale is None and names:
+            raise CaptureError(
+                "scaler.unscale_(opt) was called before scaler.step(opt): it unscales only the ungrouped "
+                "gradients. Call scaler.step(opt) directly; the Balancer unscales group gradients itself."
+            )
+        # One host sync: non-finite groups, the scaler's verdict and scale.
+        gram = self._early_gram if self._early_gram is not None else (self._backend.gram() if names else None)
+        self._early_gram = None
+        device = self._backend.stats_device
+        probe = [torch.zeros((), dtype=torch.float64, device=device)]
+        if gram is not None:
+            probe.append((~torch.isfinite(gram.diagonal())).to(device=device, dtype=torch.float64))
+        if found_inf is not None:
+            probe.append(found_inf.to(device=device, dtype=torch.float64).reshape(1))
+        if grad_scale is not None:
+            probe.append(grad_scale.to(device=device, dtype=torch.float64).reshape(1))
+        values = torch.cat([t.reshape(-1) for t in probe]).tolist()[1:]
+        bad = [bool(v) for v in values[: len(names)]] if gram is not None else []
+        rest = values[len(bad) :]
+        inf_found = bool(rest.pop(0)) if found_inf is not None else False
+        scale = 1.0 / rest.pop(0) if grad_scale is not None else 1.0
+        if inf_found or (grad_scale is not None and any(bad)):
+            return None  # AMP overflow: skip, plugin state untouched; the scaler backs off
+        if gram is None:
+            self._backend.combine(torch.zeros(0, dtype=torch.float64, device=device), scale=scale)
+            return self._finish(closure, None)
+        return self._grouped_step(closure, names, gram * (scale * scale), bad, scale)
+
+    def _grouped_step(
+        self, closure: Callable[[], Any] | None, names: tuple[str, ...], gram: Tensor, bad: list[bool], scale: float
+    ) -> Any:
+        device = gram.device
+        nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
+        losses = torch.stack([self._losses.get(n, nan).to(device) for n in names])
+        losses = self._backend.all_reduce_sum(losses)
+        full = GroupStats(
+            names=names,
+            gram=gram,
+            losses=losses,
+            backward_calls=tuple(self._captures.get(n, 0) for n in names),
+            step=self._step_count,
+        )
+        dropped = [i for i, b in enumerate(bad) if b]
+        if dropped:
+            bad_names = [names[i] for i in dropped]
+            if self.on_nonfinite == "raise":
+                raise NonFiniteGradientError(
+                    f"Non-finite (NaN/inf) gradients in group(s) {bad_names}; step refused, parameters untouched. "
+                    "Check these groups' losses, or use on_nonfinite='zero' to drop such groups for the step."
+                )
+            warnings.warn(
+                f"Non-finite (NaN/inf) gradients in group(s) {bad_names}: weight 0 for this step.",
+                NonFiniteGradientWarning,
+                stacklevel=3,
+            )
+        keep = [i for i, b in enumerate(bad) if not b]
+        index = torch.tensor(keep, dtype=torch.long, device=device)
+        stats = dataclasses.replace(
+            full,
+            names=tuple(names[i] for i in keep),
+            gram=full.gram.index_select(0, index).index_select(1, index),
+            losses=full.losses.index_select(0, index),
+            backward_calls=tuple(full.backward_calls[i] for i in keep),
+        )
+        weights, new_states = self._run_plugins(stats)
+        full_weights = torch.zeros(len(names), dtype=torch.float64, device=device).index_copy(0, index, weights)
+        if dropped:
+            self._backend.drop(dropped)
+        self._backend.combine(full_weights, scale=scale)
+        self._plugin_states = new_states
+        self.last_stats = dataclasses.replace(full, weights=full_weights)
+        return self._finish(closure, full_weights)
+
+    def _run_plugins(self, stats: GroupStats) -> tuple[Tensor, dict[str, State]]:
+        weights = torch.ones(stats.num_groups, dtype=torch.float64, device=stats.gram.device)
+        new_states = dict(self._plugin_states)
+        finite: list[Tensor] = []
+        for plugin in self._plugins:
+            try:
+                out, new_states[plugin.name] = plugin.update(stats, weights, new_states[plugin.name])
+            except Exception as exc:
+                raise PluginError(
+                    f"Plugin `{plugin.name}` failed in update(): {type(exc).__name__}: {exc}. "
+                    "Step refused; parameters and plugin states untouched."
+                ) from exc
+            weights = check_weights(plugin.name, out, stats)
+            finite.append(torch.isfinite(weights).all())
+        if finite:
+            flags = torch.stack(finite).tolist()  # second (and last) host sync
+            for plugin, ok in zip(self._plugins, flags, strict=True):
+                if not ok:
+                    raise PluginError(
+                        f"Plugin `{plugin.name}` returned non-finite weights for groups {list(stats.names)}. "
+                        "Step refused; parameters and plugin states untouched."
+                    )
+        return weights, new_states
+
+    def _finish(self, closure: Callable[[], Any] | None, weights: Tensor | None) -> Any:
+        if closure is not None:
+            with torch.enable_grad():
+                result = self._inner.step(closure)
+        else:
+            result = self._inner.step()
+        self._backend.end_step()
+        self._losses.clear()
+        self._captures.clear()
+        self._step_count += 1
+        if weights is None:
+            self.last_stats = None
+        return result
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clears ungrouped and pending group gradients (``.grad`` set to ``None`` by default)."""
+        active = self._backend.active
+        if active is not None:
+            raise CaptureError(f"zero_grad() called inside group `{active}`. Call it outside group blocks.")
+        self._early_gram = None
+        self._backend.zero_grad(set_to_none)
+        self._losses.clear()
+        self._captures.clear()
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The inner optimizer's state dict plus a ``"balancer"`` section with every plugin's state."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        sd = self._inner.state_dict()
+        sd["balancer"] = make_balancer_section(self._plugins, self._plugin_states, self._step_count)
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, sd)
+            if result is not None:
+                sd = result
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a :meth:`state_dict`; the plugin list must match the saved one."""
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        section = state_dict.get("balancer")
+        states, step = load_balancer_section(section, self._plugins, self._backend.stats_device)
+        self._inner.load_state_dict({k: v for k, v in state_dict.items() if k != "balancer"})
+        self._plugin_states.update(states)
+        self._step_count = step
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # -- pickling, printing ------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k not in _HOOK_REGISTRIES}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_optimizer_machinery()
+
+    def __repr__(self) -> str:
+        plugins = ", ".join(repr(p) for p in self._plugins)
+        return f"Balancer(inner={type(self._inner).__name__}, plugins=[{plugins}])"

@@ -1,0 +1,191 @@
+"""Conformance checks for plugin authors: run ``check_plugin(MyPlugin())`` in your tests.
+
+Every built-in plugin passes it. The checks, each failing with an ``AssertionError`` that says
+which property broke and on what input:
+
+- weights are a finite ``[k]`` tensor for zero, tiny (1e-30), unit and huge (1e30) gradient norms,
+  and when one group's gradient is zero;
+- ``update`` does not synchronise with the device (no ``.item()``, ``bool()``, ``float()``,
+  ``.tolist()`` on tensors) and does not modify the state it is given;
+- permutation equivariance: permuting the groups permutes the weights the same way;
+- state round trip: the state after some updates survives ``torch.save`` +
+  ``torch.load(weights_only=True)``, and the loaded state produces the same next weights;
+- stable state structure: the same keys and types after ``init`` and after updates, and the
+  same shapes and dtypes from one update to the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .plugin import Plugin, State
+from .stats import GroupStats
+
+__all__ = ["check_plugin", "random_stats"]
+
+
+def random_stats(k: int, *, seed: int = 0, scale: float = 1.0, dim: int = 16, step: int = 0) -> GroupStats:
+    """Stats of ``k`` random group gradients in ``dim`` dimensions with norms around ``scale``."""
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(k, dim, generator=gen, dtype=torch.float64) * torch.rand(k, 1, generator=gen, dtype=torch.float64).add(0.5)
+    gram = (grads @ grads.T) * (scale * scale)
+    losses = torch.rand(k, generator=gen, dtype=torch.float64) + 0.1
+    return GroupStats.from_gram(gram, [f"group{i}" for i in range(k)], losses=losses, step=step)
+
+
+class _SyncError(AssertionError):
+    pass
+
+
+@contextlib.contextmanager
+def _no_host_sync(plugin: str) -> Iterator[None]:
+    names = ("item", "tolist", "__bool__", "__float__", "__int__")
+    saved = {name: getattr(Tensor, name) for name in names}
+
+    def forbid(name: str) -> Any:
+        def raiser(self: Tensor, *args: Any, **kwargs: Any) -> Any:
+            raise _SyncError(
+                f"Plugin `{plugin}` called Tensor.{name}() in update(): that synchronises with the device. "
+                "Use torch.where/clamp instead of Python branches on tensor values."
+            )
+
+        return raiser
+
+    try:
+        for name in names:
+            setattr(Tensor, name, forbid(name))
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(Tensor, name, fn)
+
+
+def _snapshot(value: Any) -> Any:
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_snapshot(v) for v in value)
+    return value
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(
+            torch.nan_to_num(a.cpu(), nan=1.2345e-7), torch.nan_to_num(b.cpu(), nan=1.2345e-7)
+        )
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and (a == b or (a != a and b != b))
+
+
+def _structure(value: Any, deep: bool) -> Any:
+    if isinstance(value, Tensor):
+        return ("tensor", tuple(value.shape), value.dtype) if deep else "tensor"
+    if isinstance(value, dict):
+        return {k: _structure(v, deep) for k, v in value.items()} if deep else ("dict", tuple(sorted(value)))
+    if isinstance(value, list | tuple):
+        return (type(value).__name__, tuple(_structure(v, deep) for v in value)) if deep else type(value).__name__
+    return type(value).__name__
+
+
+def _update(plugin: Plugin, stats: GroupStats, state: State, weights: Tensor | None = None) -> tuple[Tensor, State]:
+    if weights is None:
+        weights = torch.ones(stats.num_groups, dtype=torch.float64)
+    before = _snapshot(state)
+    with _no_host_sync(plugin.name):
+        out, new_state = plugin.update(stats, weights, state)
+    assert _equal(before, state), f"Plugin `{plugin.name}` modified the state passed to update() in place."
+    assert isinstance(out, Tensor), f"Plugin `{plugin.name}` returned {type(out).__name__}, not a tensor."
+    assert out.shape == (stats.num_groups,), (
+        f"Plugin `{plugin.name}` returned weights of shape {tuple(out.shape)} for {stats.num_groups} groups."
+    )
+    assert bool(torch.isfinite(out).all()), (
+        f"Plugin `{plugin.name}` returned non-finite weights {out.tolist()} for norms {stats.norms.tolist()}."
+    )
+    return out, new_state
+
+
+def _check_scales(plugin: Plugin, k: int, steps: int, seed: int) -> None:
+    for scale in (0.0, 1e-30, 1.0, 1e30):
+        state = plugin.init()
+        for t in range(steps):
+            _, state = _update(plugin, random_stats(k, seed=seed + t, scale=scale, step=t), state)
+    base = random_stats(k, seed=seed)
+    gram = base.gram.clone()
+    gram[0, :] = 0.0
+    gram[:, 0] = 0.0
+    _update(plugin, GroupStats.from_gram(gram, base.names, losses=base.losses), plugin.init())
+    if k == 1:
+        return
+    single = random_stats(1, seed=seed)
+    _update(plugin, single, plugin.init())
+
+
+def _check_permutation(plugin: Plugin, k: int, steps: int, seed: int, rtol: float) -> None:
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed + 99))
+    state_a, state_b = plugin.init(), plugin.init()
+    for t in range(steps):
+        stats = random_stats(k, seed=seed + t, step=t)
+        permuted = GroupStats.from_gram(
+            stats.gram[perm][:, perm], [stats.names[i] for i in perm], losses=stats.losses[perm], step=t
+        )
+        w_a, state_a = _update(plugin, stats, state_a)
+        w_b, state_b = _update(plugin, permuted, state_b)
+        assert torch.allclose(w_b, w_a[perm], rtol=rtol, atol=1e-12), (
+            f"Plugin `{plugin.name}` is not permutation equivariant at update {t}: weights {w_a.tolist()}, "
+            f"after permuting the groups by {perm.tolist()}: {w_b.tolist()}."
+        )
+
+
+def _check_state(plugin: Plugin, k: int, steps: int, seed: int) -> None:
+    state = plugin.init()
+    init_shape = _structure(state, deep=False)
+    shapes = []
+    for t in range(steps):
+        _, state = _update(plugin, random_stats(k, seed=seed + t, step=t), state)
+        assert _structure(state, deep=False) == init_shape, (
+            f"Plugin `{plugin.name}` changed its state's keys or types: init() gave {init_shape}, "
+            f"update {t} gave {_structure(state, deep=False)}."
+        )
+        shapes.append(_structure(state, deep=True))
+    for t in range(1, len(shapes)):
+        assert shapes[t] == shapes[0], (
+            f"Plugin `{plugin.name}` state changed structure between updates: {shapes[0]} then {shapes[t]}."
+        )
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert _equal(loaded, state), f"Plugin `{plugin.name}` state changed in a torch.save/torch.load round trip."
+    nxt = random_stats(k, seed=seed + steps, step=steps)
+    w_orig, _ = _update(plugin, nxt, state)
+    w_load, _ = _update(plugin, nxt, loaded)
+    assert torch.equal(w_orig, w_load), f"Plugin `{plugin.name}` gives different weights after a state round trip."
+
+
+def check_plugin(
+    plugin: Plugin,
+    *,
+    num_groups: int | Sequence[int] = (1, 2, 5),
+    steps: int = 4,
+    seed: int = 0,
+    permutation_equivariant: bool = True,
+    rtol: float = 1e-9,
+) -> None:
+    """Runs every conformance check on ``plugin``; raises ``AssertionError`` on the first failure."""
+    sizes = [num_groups] if isinstance(num_groups, int) else list(num_groups)
+    for k in sizes:
+        _check_scales(plugin, k, steps, seed)
+        _check_state(plugin, k, steps, seed)
+        if permutation_equivariant and k > 1:
+            _check_permutation(plugin, k, steps, seed, rtol)

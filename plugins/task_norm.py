@@ -1,0 +1,87 @@
+"""``task_norm``: equal per-task gradient norms (Wu et al., multi-task RL post-training).
+
+Wu et al., *Imbalanced Gradients in RL Post-Training of Multi-Task LLMs* (arXiv 2510.19178,
+Findings of EACL 2026) measure per-task squared gradient norms that differ by up to 33x without
+matching learning gains, and call for gradient-level corrections. This plugin is the direct one:
+rescale each task so that its contribution to the update has the same norm.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from balancer import GroupStats, Plugin, PluginOptions, State
+
+__all__ = ["TaskNorm", "TaskNormOptions"]
+
+
+class TaskNormOptions(PluginOptions):
+    """Options of :class:`TaskNorm`."""
+
+    target: Literal["mean", "max", "min", "ema"] = Field(
+        "mean", description="Norm every group is brought to: mean/max/min over groups, or an EMA of the mean."
+    )
+    alpha: float = Field(1.0, ge=0.0, le=1.0, description="1 = full equalization, 0 = no change.")
+    beta: float = Field(0.0, ge=0.0, lt=1.0, description="EMA factor of per-group norms; 0 uses this step's norms.")
+    target_beta: float = Field(0.9, ge=0.0, lt=1.0, description="EMA factor of the target when target='ema'.")
+    eps: float = Field(1e-8, gt=0.0, lt=1.0, description="Norms below eps·target count as eps·target (caps weights).")
+
+
+class TaskNorm(Plugin):
+    """Equalizes per-group gradient norms: w_k = (target / ‖g_k‖)^alpha (Wu et al. 2025).
+
+    With incoming weights ``v`` (ones when it is the first plugin), the norm of group k's
+    contribution is ``c_k = |v_k|·‖g_k‖`` (or its EMA over steps, ``ĉ_k ← β ĉ_k + (1-β) c_k``,
+    when ``beta > 0``). With ``T`` the mean, max or min of the positive ``ĉ_k`` (or an EMA over
+    steps of their mean, ``target="ema"``)::
+
+        w_k = v_k · (T / max(ĉ_k, eps·T))^alpha        if ĉ_k > 0
+        w_k = 0                                        if ĉ_k = 0   (a zero gradient, never NaN)
+
+    With ``alpha = 1`` and ``beta = 0`` every group's contribution ``‖w_k g_k‖`` equals ``T``.
+
+    Example::
+
+        opt = Balancer(torch.optim.AdamW(model.parameters()), plugins=[("task_norm", {"alpha": 0.5})])
+    """
+
+    name = "task_norm"
+    version = "1"
+    Options = TaskNormOptions
+    options: TaskNormOptions
+
+    def init(self) -> State:
+        return {"ema_norms": {}, "ema_target": torch.tensor(float("nan"), dtype=torch.float64), "updates": 0}
+
+    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
+        opts = self.options
+        contrib = weights.abs() * stats.norms
+        ema_norms = dict(state["ema_norms"])
+        if opts.beta > 0.0:
+            prev = torch.stack([ema_norms.get(n, c).to(contrib) for n, c in zip(stats.names, contrib, strict=True)])
+            contrib = opts.beta * prev + (1.0 - opts.beta) * contrib
+            ema_norms.update({n: c for n, c in zip(stats.names, contrib, strict=True)})
+        positive = contrib > 0
+        count = positive.sum()
+        mean = torch.where(positive, contrib, 0.0).sum() / count.clamp_min(1)
+        ema_target = state["ema_target"].to(contrib)
+        if opts.target == "mean":
+            target = mean
+        elif opts.target == "max":
+            target = torch.where(positive, contrib, 0.0).max()
+        elif opts.target == "min":
+            target = torch.where(positive, contrib, torch.inf).min()
+            target = torch.where(count > 0, target, 0.0)
+        else:
+            blended = opts.target_beta * ema_target + (1.0 - opts.target_beta) * mean
+            target = torch.where(torch.isnan(ema_target), mean, blended)
+            ema_target = torch.where(count > 0, target, ema_target)
+        denom = torch.maximum(contrib, opts.eps * target)
+        safe = torch.where(positive, denom, 1.0)
+        factor = torch.where(positive, (target / safe) ** opts.alpha, 0.0)
+        new_state = {"ema_norms": ema_norms, "ema_target": ema_target, "updates": state["updates"] + 1}
+        return weights * factor, new_state
