@@ -91,6 +91,16 @@ class FlatBuffer:
         for p, view in zip(self.params, views, strict=True):
             p.grad = view
 
+    def drop_history(self) -> None:
+        """``backward(create_graph=True)`` accumulates into ``.grad`` with autograd recording; the
+        buffers then carry a graph. Group gradients are data here: keep the values, drop the graph."""
+        if self.rows is not None and self.rows.requires_grad:
+            self.rows = self.rows.detach()
+            self._row_views = {}
+        if self.base is not None and self.base.requires_grad:
+            self.base = self.base.detach()
+            self._base_views = None
+
     def collect(self, views: list[Tensor]) -> None:
         """After a group block: keeps gradients that autograd wrote out of place (``create_graph``)."""
         for p, view in zip(self.params, views, strict=True):
@@ -102,6 +112,7 @@ class FlatBuffer:
             else:
                 view.copy_(grad)
 
+    @torch.no_grad()
     def gram(self, m: int) -> Tensor:
         assert self.rows is not None
         a = self.rows[:m]
@@ -174,6 +185,7 @@ class LocalBackend(Backend):
         self._adopted = False
 
     # -- capture ---------------------------------------------------------------------------
+    @torch.no_grad()
     def enter(self, name: str) -> None:
         self._restore_poison()
         if not self._names:
@@ -194,11 +206,13 @@ class LocalBackend(Backend):
         self._adopted = True
         self._active = row
 
+    @torch.no_grad()
     def exit(self) -> None:
         if self._active is None:
             raise CaptureError("exit() without a matching enter().")
         for buf in self._buffers:
             buf.collect(buf.row_views(self._active))
+            buf.drop_history()
             buf.point_at(buf.base_views())
         self._active = None
 
@@ -212,6 +226,7 @@ class LocalBackend(Backend):
         return total
 
     # -- combination -----------------------------------------------------------------------
+    @torch.no_grad()
     def expose_ungrouped(self, poison: Tensor | None = None) -> None:
         for buf in self._buffers:
             buf.adopt_ungrouped()
@@ -230,12 +245,14 @@ class LocalBackend(Backend):
             target.copy_(saved)
             self._poison = None
 
+    @torch.no_grad()
     def drop(self, rows: Sequence[int]) -> None:
         for buf in self._buffers:
             assert buf.rows is not None
             for r in rows:
                 buf.rows[r].zero_()
 
+    @torch.no_grad()
     def combine(self, weights: Tensor, *, scale: float = 1.0) -> None:
         self._restore_poison()
         m = len(self._names)
@@ -258,6 +275,7 @@ class LocalBackend(Backend):
         self._active = None
         self._adopted = False
 
+    @torch.no_grad()
     def zero_grad(self, set_to_none: bool) -> None:
         self._restore_poison()
         self._names = []

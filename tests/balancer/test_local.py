@@ -1,0 +1,176 @@
+"""The local backend: row views, accumulation, absent groups, ungrouped gradients, exact Gram."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from balancer import Balancer, Plugin
+
+
+def _flat_grads(model, loss):
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True, retain_graph=True)
+    return torch.cat([
+        (g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+        for g, p in zip(grads, model.parameters(), strict=True)
+    ])
+
+
+def test_grad_is_a_view_into_the_group_row_while_capturing(model, batches, group_loss):
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
+    with opt.group("g0"):
+        group_loss(model, batches["g0"]).backward()
+        rows = opt.backend.buffers[0].rows
+        start, end = rows.data_ptr(), rows.data_ptr() + rows.numel() * rows.element_size()
+        for p in model.parameters():
+            assert start <= p.grad.data_ptr() < end
+    flat = rows[0]
+    first = next(model.parameters())
+    assert torch.equal(flat[: first.numel()].view_as(first), opt.backend.buffers[0].row_views(0)[0])
+
+
+def test_extra_memory_is_k_rows(model, batches, group_loss):
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
+    n = sum(p.numel() for p in model.parameters())
+    opt.backward({name: group_loss(model, b) for name, b in batches.items()})
+    assert opt.backend.extra_bytes() == 3 * n * 4
+
+
+def test_micro_batches_accumulate_in_the_group_row(make_model, batches, group_loss):
+    model = make_model(dtype=torch.float64)
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = (t.double() for t in batches["g0"])
+    for part in range(2):  # two micro-batches of the same group, in separate blocks
+        with opt.group("a"):
+            torch.nn.functional.mse_loss(model(x[part * 4 : part * 4 + 4]), y[part * 4 : part * 4 + 4]).backward()
+    expected = _flat_grads(model, sum(
+        torch.nn.functional.mse_loss(model(x[i * 4 : i * 4 + 4]), y[i * 4 : i * 4 + 4]) for i in range(2)
+    ))
+    torch.testing.assert_close(opt.backend.gram()[0, 0], expected.dot(expected), rtol=1e-12, atol=0)
+
+
+def test_parameters_without_gradient_contribute_zeros_and_ungrouped_is_unweighted():
+    torch.manual_seed(0)
+    trunk = torch.nn.Linear(3, 4).double()
+    heads = torch.nn.ModuleList([torch.nn.Linear(4, 1).double() for _ in range(2)])
+    params = [*trunk.parameters(), *heads.parameters()]
+
+    class Fixed(Plugin):
+        name = "fixed"
+
+        def update(self, stats, weights, state):
+            return weights * torch.tensor([0.5, 4.0], dtype=weights.dtype), state
+
+    opt = Balancer(torch.optim.SGD(params, lr=1.0), plugins=[Fixed()])
+    x = torch.randn(5, 3, dtype=torch.float64)
+    losses = [heads[i](trunk(x)).pow(2).mean() * (i + 1) for i in range(2)]
+    extra = trunk(x).sum() * 0.1
+    grads = []
+    for loss in [*losses, extra]:
+        got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        grads.append([g if g is not None else torch.zeros_like(p) for g, p in zip(got, params, strict=True)])
+    before = [p.detach().clone() for p in params]
+    extra.backward(retain_graph=True)  # outside any group: added with weight 1
+    with opt.group("a"):
+        losses[0].backward(retain_graph=True)
+    with opt.group("b"):
+        losses[1].backward()
+    opt.step()
+    for i, (p, p0) in enumerate(zip(params, before, strict=True)):
+        expected = p0 - (0.5 * grads[0][i] + 4.0 * grads[1][i] + grads[2][i])
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
+    # head 1 has no gradient from group 'a': its part of row 'a' is zero
+    cross = sum((ga * gb).sum() for ga, gb in zip(grads[0], grads[1], strict=True))
+    torch.testing.assert_close(opt.last_stats.gram[0, 1], cross, rtol=1e-12, atol=0)
+
+
+def test_groups_in_any_order_and_absent_groups(make_model, batches, group_loss):
+    model = make_model()
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=[("task_norm", {"beta": 0.5})])
+    for name in ("g2", "g0", "g1"):
+        with opt.group(name):
+            group_loss(model, batches[name]).backward()
+    opt.step()
+    opt.zero_grad()
+    assert opt.last_stats.names == ("g2", "g0", "g1")
+    ema_g1 = opt.plugin_states["task_norm"]["ema_norms"]["g1"]
+    for name in ("g0", "g2"):
+        with opt.group(name):
+            group_loss(model, batches[name]).backward()
+    opt.step()
+    assert opt.last_stats.names == ("g0", "g2")
+    assert opt.last_stats.weights.shape == (2,)
+    assert opt.plugin_states["task_norm"]["ema_norms"]["g1"] is ema_g1  # absent: untouched
+
+
+def test_new_group_mid_training_grows_the_buffer(make_model, batches, group_loss):
+    model = make_model(dtype=torch.float64)
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.backward({"g0": group_loss(model, [t.double() for t in batches["g0"]])})
+    opt.step()
+    opt.zero_grad()
+    losses = {n: group_loss(model, [t.double() for t in b]) for n, b in batches.items()}
+    expected = [_flat_grads(model, loss) for loss in losses.values()]
+    opt.backward(losses)
+    gram = opt.backend.gram()
+    reference = torch.stack(expected) @ torch.stack(expected).T
+    torch.testing.assert_close(gram, reference, rtol=1e-12, atol=1e-14)
+    assert opt.backend.buffers[0].rows.shape[0] == 3
+
+
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
+def test_create_graph_backward_inside_a_group(make_model, batches, group_loss):
+    model = make_model(dtype=torch.float64)
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
+    loss = group_loss(model, [t.double() for t in batches["g0"]])
+    expected = _flat_grads(model, loss)
+    with opt.group("a"):
+        loss.backward(create_graph=True)  # autograd accumulates out of place here
+    torch.testing.assert_close(opt.backend.gram()[0, 0], expected.dot(expected), rtol=1e-12, atol=0)
+    assert not opt.backend.buffers[0].rows.requires_grad  # values kept, graph dropped
+
+
+def test_parameter_added_between_steps_is_balanced(make_model, batches, group_loss):
+    model = make_model()
+    opt = Balancer(torch.optim.SGD(model[0].parameters(), lr=0.1))
+    opt.backward({"a": model[0](batches["g0"][0]).pow(2).mean()})
+    opt.step()
+    opt.add_param_group({"params": list(model[2].parameters())})
+    opt.zero_grad()
+    opt.backward({"a": group_loss(model, batches["g0"])})
+    assert opt.backend.buffers[0].n == sum(p.numel() for p in model.parameters())
+
+
+def test_low_precision_gram_accumulates_in_float32():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64).to(torch.bfloat16)
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
+    x = torch.randn(16, 64, dtype=torch.bfloat16)
+    opt.backward({"a": model(x).float().pow(2).mean(), "b": model(x * 2).float().mean()})
+    rows = opt.backend.buffers[0].rows[:2].double()
+    torch.testing.assert_close(opt.backend.gram(), rows @ rows.T, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    order=st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=6),
+    seed=st.integers(0, 2**16),
+)
+def test_gram_matches_float64_reference_for_any_capture_order(order, seed):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2)).double()
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
+    inputs = [torch.randn(4, 3, dtype=torch.float64) for _ in order]
+    totals: dict[str, torch.Tensor] = {}
+    for name, x in zip(order, inputs, strict=True):
+        scale = {"a": 1.0, "b": 10.0, "c": 0.01}[name]
+        with opt.group(name):
+            (model(x).pow(2).mean() * scale).backward()
+        grad = _flat_grads(model, model(x).pow(2).mean() * scale)
+        totals[name] = totals.get(name, 0) + grad
+    names = list(dict.fromkeys(order))
+    assert opt.backend.names == tuple(names)
+    a = torch.stack([totals[n] for n in names])
+    torch.testing.assert_close(opt.backend.gram(), a @ a.T, rtol=1e-10, atol=1e-14)

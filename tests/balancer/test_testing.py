@@ -1,0 +1,89 @@
+"""The public conformance suite catches each property it promises to check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from balancer import Plugin
+from balancer.testing import check_plugin
+
+
+class _Base(Plugin):
+    name = "probe"
+
+    def update(self, stats, weights, state):
+        return weights, state
+
+
+class _InvNorm(_Base):
+    def update(self, stats, weights, state):
+        return weights / stats.norms, state  # inf for a zero gradient
+
+
+class _Syncs(_Base):
+    def update(self, stats, weights, state):
+        if stats.norms.max().item() > 1.0:
+            return weights * 2, state
+        return weights, state
+
+
+class _Mutates(_Base):
+    def init(self):
+        return {"seen": torch.zeros(())}
+
+    def update(self, stats, weights, state):
+        state["seen"].add_(1)
+        return weights, state
+
+
+class _FirstGroupSpecial(_Base):
+    def update(self, stats, weights, state):
+        return torch.cat([weights[:1] * 3, weights[1:]]), state
+
+
+class _Opaque:
+    pass
+
+
+class _UnsafeState(_Base):
+    def init(self):
+        return {"thing": None}
+
+    def update(self, stats, weights, state):
+        return weights, {"thing": _Opaque()}
+
+
+class _GrowingState(_Base):
+    def init(self):
+        return {"history": torch.zeros(0)}
+
+    def update(self, stats, weights, state):
+        return weights, {"history": torch.cat([state["history"], stats.norms[:1]])}
+
+
+class _WrongShape(_Base):
+    def update(self, stats, weights, state):
+        return weights.sum().reshape(1), state
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        (_InvNorm(), "non-finite weights"),
+        (_Syncs(), r"called Tensor.item\(\)"),
+        (_Mutates(), "modified the state passed to update"),
+        (_FirstGroupSpecial(), "not permutation equivariant"),
+        (_UnsafeState(), "Unsupported|WeightsUnpickler|weights_only|_Opaque"),
+        (_GrowingState(), "changed structure between updates"),
+        (_WrongShape(), r"weights of shape \(1,\) for 2 groups"),
+    ],
+)
+def test_check_plugin_catches(plugin, message):
+    with pytest.raises(Exception, match=message):
+        check_plugin(plugin)
+
+
+def test_check_plugin_accepts_a_conforming_plugin():
+    check_plugin(_Base())
+    check_plugin(_FirstGroupSpecial(), permutation_equivariant=False)

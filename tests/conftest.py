@@ -1,0 +1,52 @@
+"""Shared fixtures: a small model and data with groups of very different gradient scale."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(dtype)
+
+
+def make_batches(seed: int = 0, groups: int = 3, size: int = 8, dtype: torch.dtype = torch.float32):
+    """One (x, y) batch per group; group i's targets are scaled by 10**i, so gradient norms differ."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(groups):
+        x = torch.randn(size, 6, generator=gen, dtype=dtype)
+        y = torch.randn(size, 3, generator=gen, dtype=dtype) * 10.0**i
+        out[f"g{i}"] = (x, y)
+    return out
+
+
+def group_loss(model: torch.nn.Module, batch) -> torch.Tensor:
+    x, y = batch
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+@pytest.fixture
+def model() -> torch.nn.Module:
+    return make_model()
+
+
+@pytest.fixture
+def batches():
+    return make_batches()
+
+
+@pytest.fixture(name="make_model")
+def _make_model_fixture():
+    return make_model
+
+
+@pytest.fixture(name="make_batches")
+def _make_batches_fixture():
+    return make_batches
+
+
+@pytest.fixture(name="group_loss")
+def _group_loss_fixture():
+    return group_loss
