@@ -8,6 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from .config import config_schema
+from .errors import BalancerError
 from .registry import list_plugins
 
 
@@ -59,8 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command; a user error (bad plugin name, invalid options) prints its message and returns 2."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BalancerError as exc:
+        print(f"balancer {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .config import build_plugins
 from .optimizer import Balancer
 
 
@@ -53,6 +54,7 @@ def _train(plugins: list[str], steps: int, seed: int, log_every: int) -> dict[st
 
 def run_demo(*, steps: int = 200, seed: int = 0, plugins: str = "task_norm") -> int:
     chosen = [p.strip() for p in plugins.split(",") if p.strip()]
+    build_plugins(chosen)  # refuse unknown names or bad options before any training
     print("Two tasks share a trunk; task 'large' has 10x larger targets and gradients.")
     results = {"baseline": _train([], steps, seed, max(1, steps // 5))}
     results["balanced"] = _train(chosen, steps, seed, max(1, steps // 5))

@@ -26,7 +26,7 @@ from torch import Tensor
 from ._checks import check_graph_leaves, check_group_name, check_loss, check_model_params, check_weights
 from ._state import load_balancer_section, make_balancer_section
 from .backend import Backend
-from .config import BalancerConfig, NonFinitePolicy, build_plugins, load_config
+from .config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_config
 from .errors import CaptureError, NonFiniteGradientError, NonFiniteGradientWarning, PluginError
 from .local import LocalBackend
 from .plugin import Plugin, State
@@ -110,9 +110,8 @@ class Balancer(torch.optim.Optimizer):
         cls, inner: torch.optim.Optimizer, config: BalancerConfig | Mapping[str, Any] | str, **kwargs: Any
     ) -> Balancer:
         """Builds a Balancer from a config dict, a JSON file path or a :class:`BalancerConfig`."""
-        cfg = load_config(config)
-        specs = [(spec.name, spec.options) for spec in cfg.plugins]
-        return cls(inner, specs, on_nonfinite=cfg.on_nonfinite, **kwargs)
+        cfg, plugins = resolve_config(config, kwargs.get("registry"))
+        return cls(inner, plugins, on_nonfinite=cfg.on_nonfinite, **kwargs)
 
     def _init_optimizer_machinery(self) -> None:
         # What Optimizer.__init__ sets up, without taking ownership of the parameters.

@@ -31,6 +31,11 @@ OWN_DISTRIBUTION = "gradient-balancer"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 
 
+def _normalize(dist_name: str) -> str:
+    """PEP 503 normalized distribution name: `Gradient_Balancer` and `gradient-balancer` are the same."""
+    return re.sub(r"[-_.]+", "-", dist_name).lower()
+
+
 def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
 
@@ -71,12 +76,18 @@ class Registry:
     def __init__(self) -> None:
         self._plugins: dict[str, PluginInfo] = {}
         self._loaded = False
+        self._loading = False
+        self._attempted: set[tuple[str, str]] = set()  # (distribution, entry point) loaded or reported
         self._pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
         self._pm.add_hookspecs(hookspecs)
 
     # -- registration -----------------------------------------------------------------------
     def register(self, plugin_class: type[Plugin], *, distribution: str = "<local>", version: str = "") -> None:
-        """Registers one plugin class by hand (tests, notebooks, plugins not packaged)."""
+        """Registers one plugin class by hand (tests, notebooks, plugins not packaged).
+
+        Entry points are loaded first, so a name clash is always reported against this call.
+        """
+        self.load()
         self._commit(self._collect_from_classes([plugin_class], distribution, version))
 
     def unregister(self, name: str) -> None:
@@ -84,6 +95,7 @@ class Registry:
 
     def register_hooks(self, obj: object, *, distribution: str = "<local>", version: str = "") -> None:
         """Registers a module or object that implements ``balancer_register_plugins``."""
+        self.load()
         self._commit(self._collect_from_hooks(obj, f"{distribution}:{id(obj)}", distribution, version))
 
     def _collect_from_classes(self, classes: list[Any], distribution: str, version: str) -> dict[str, PluginInfo]:
@@ -104,9 +116,15 @@ class Registry:
         try:
             self._pm.check_pending()
             classes: list[Any] = []
-            for impl in self._pm.hook.balancer_register_plugins.get_hookimpls():
-                if impl.plugin is obj:
-                    impl.function(register=classes.append)
+            hook_args = {"register": classes.append}
+            impls = [i for i in self._pm.hook.balancer_register_plugins.get_hookimpls() if i.plugin is obj]
+            if not impls:
+                raise PluginLoadError(
+                    f"`{obj!r}` has no `balancer_register_plugins` hook. "
+                    "Define it and decorate it with `@balancer.hookimpl`."
+                )
+            for impl in impls:  # pluggy lets an implementation take a subset of the arguments
+                impl.function(*(hook_args[arg] for arg in impl.argnames))
             return self._collect_from_classes(classes, distribution, version)
         except BaseException:
             self._pm.unregister(obj)
@@ -117,23 +135,33 @@ class Registry:
 
     # -- discovery --------------------------------------------------------------------------
     def load(self) -> None:
-        """Loads every entry point once. Safe to call many times."""
-        if self._loaded:
+        """Loads every entry point once. Safe to call many times.
+
+        In strict mode a failure raises, and the next call tries the failed entry point again
+        (entry points already loaded are not loaded twice), so the error is never silenced.
+        """
+        if self._loaded or self._loading:
             return
-        self._loaded = True
-        strict = _env_flag("BALANCER_STRICT_PLUGINS")
-        own_only = _env_flag("BALANCER_DISABLE_PLUGIN_AUTOLOAD")
-        seen: set[str] = set()
-        for dist in importlib.metadata.distributions():
-            dist_name = dist.metadata["Name"] or "<unknown>"
-            if dist_name in seen:
-                continue
-            seen.add(dist_name)
-            if own_only and dist_name != OWN_DISTRIBUTION:
-                continue
-            for ep in dist.entry_points:
-                if ep.group == ENTRY_POINT_GROUP:
-                    self._load_entry_point(ep, dist_name, dist.version, strict)
+        self._loading = True
+        try:
+            strict = _env_flag("BALANCER_STRICT_PLUGINS")
+            own_only = _env_flag("BALANCER_DISABLE_PLUGIN_AUTOLOAD")
+            seen: set[str] = set()
+            for dist in importlib.metadata.distributions():
+                dist_name = dist.metadata["Name"] or "<unknown>"
+                key = _normalize(dist_name)
+                if key in seen:
+                    continue
+                seen.add(key)
+                if own_only and key != OWN_DISTRIBUTION:
+                    continue
+                for ep in dist.entry_points:
+                    if ep.group == ENTRY_POINT_GROUP and (key, ep.name) not in self._attempted:
+                        self._load_entry_point(ep, dist_name, dist.version, strict)
+                        self._attempted.add((key, ep.name))
+            self._loaded = True
+        finally:
+            self._loading = False
 
     def _load_entry_point(self, ep: importlib.metadata.EntryPoint, dist_name: str, version: str, strict: bool) -> None:
         try:
@@ -142,12 +170,18 @@ class Registry:
         except Exception as exc:
             message = (
                 f"Could not load balancer plugins from distribution `{dist_name}` {version} "
-                f"(entry point `{ep.name} = {ep.value}`): {type(exc).__name__}: {exc}. "
-                "Plugins from other packages are unaffected; set BALANCER_STRICT_PLUGINS=1 to make this an error."
+                f"(entry point `{ep.name} = {ep.value}`): {type(exc).__name__}: {str(exc).rstrip('.')}."
             )
             if strict:
-                raise PluginLoadError(message) from exc
-            warnings.warn(message, PluginWarning, stacklevel=4)
+                raise PluginLoadError(
+                    f"{message} Fix or uninstall that package, or unset BALANCER_STRICT_PLUGINS to only warn."
+                ) from exc
+            warnings.warn(
+                f"{message} Plugins from other packages are unaffected; "
+                "set BALANCER_STRICT_PLUGINS=1 to make this an error.",
+                PluginWarning,
+                stacklevel=4,
+            )
 
     # -- lookup -----------------------------------------------------------------------------
     def names(self) -> list[str]:

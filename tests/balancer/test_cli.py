@@ -1,0 +1,202 @@
+"""The ``balancer`` command: ``plugins`` (table and JSON), ``config-schema`` and ``demo``, called
+through ``balancer.cli.main``, plus one run of the installed console script."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import inspect
+import json
+import math
+import re
+import subprocess
+import sys
+import sysconfig
+import types
+from pathlib import Path
+
+import pytest
+
+import balancer
+import balancer.registry
+from balancer import Plugin, Registry
+from balancer.cli import main
+from balancer.plugins import TaskNorm
+
+OWN = "gradient-balancer"
+TASK_NORM_SUMMARY = inspect.getdoc(TaskNorm).splitlines()[0]
+
+
+class Echo(Plugin):
+    """Returns the weights unchanged (a fake third-party plugin)."""
+
+    name = "echo"
+
+    def update(self, stats, weights, state):
+        return weights, state
+
+
+class FakeEntryPoint:
+    group = "balancer"
+    name = "echo"
+    value = "echo_package.plugins"
+
+    def load(self) -> object:
+        module = types.ModuleType("echo_package.plugins")
+
+        @balancer.hookimpl
+        def balancer_register_plugins(register):
+            register(Echo)
+
+        module.balancer_register_plugins = balancer_register_plugins
+        return module
+
+
+class FakeDistribution:
+    metadata = {"Name": "echo-balancer-plugin"}
+    version = "10.2.3"
+    entry_points = [FakeEntryPoint()]
+
+
+@pytest.fixture
+def with_echo_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI sees this project plus a fake third-party package, through a fresh default registry."""
+    dists = [importlib.metadata.distribution(OWN), FakeDistribution()]
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(dists))
+    monkeypatch.setattr(balancer.registry, "default_registry", Registry())
+    monkeypatch.delenv("BALANCER_DISABLE_PLUGIN_AUTOLOAD", raising=False)
+
+
+# -- plugins ------------------------------------------------------------------------------------
+def test_plugins_prints_an_aligned_table(with_echo_installed, capsys) -> None:
+    assert main(["plugins"]) == 0
+
+    lines = capsys.readouterr().out.splitlines()
+    version = balancer.__version__
+    name_w = len("task_norm")
+    dist_w = len("echo-balancer-plugin")
+    version_w = max(len("version"), len(version), len("10.2.3"))
+
+    def row(*cells: str) -> str:
+        return f"{cells[0]:<{name_w}}  {cells[1]:<{dist_w}}  {cells[2]:<{version_w}}  {cells[3]}"
+
+    assert lines == [
+        row("name", "distribution", "version", "summary"),
+        row("echo", "echo-balancer-plugin", "10.2.3", "Returns the weights unchanged (a fake third-party plugin)."),
+        row("task_norm", OWN, version, TASK_NORM_SUMMARY),
+    ]
+
+
+def test_plugins_json_lists_every_field(with_echo_installed, capsys) -> None:
+    assert main(["plugins", "--json"]) == 0
+
+    assert json.loads(capsys.readouterr().out) == [
+        {
+            "name": "echo",
+            "distribution": "echo-balancer-plugin",
+            "version": "10.2.3",
+            "summary": "Returns the weights unchanged (a fake third-party plugin).",
+        },
+        {"name": "task_norm", "distribution": OWN, "version": balancer.__version__, "summary": TASK_NORM_SUMMARY},
+    ]
+
+
+def test_plugins_with_nothing_installed_says_so(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter([]))
+    monkeypatch.setattr(balancer.registry, "default_registry", Registry())
+
+    assert main(["plugins"]) == 0
+    assert capsys.readouterr().out == "No plugins found.\n"
+    assert main(["plugins", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_installed_console_script_lists_task_norm() -> None:
+    script = Path(sysconfig.get_path("scripts")) / ("balancer.exe" if sys.platform == "win32" else "balancer")
+    assert script.exists(), f"console script not installed at {script}; run `pip install -e .`"
+
+    result = subprocess.run([str(script), "plugins"], capture_output=True, text=True, timeout=120, check=False)
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == ["name", "distribution", "version", "summary"]
+    [task_norm] = [r for r in rows if r.startswith("task_norm ")]
+    assert task_norm.split(maxsplit=3) == ["task_norm", OWN, balancer.__version__, TASK_NORM_SUMMARY]
+
+
+# -- config-schema ------------------------------------------------------------------------------
+def test_config_schema_prints_the_json_schema(capsys) -> None:
+    assert main(["config-schema"]) == 0
+
+    schema = json.loads(capsys.readouterr().out)
+    assert schema == balancer.config_schema()
+    assert {"plugins", "on_nonfinite"} <= set(schema["properties"])
+    assert "task_norm" in schema["plugin_options"]
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+
+# -- demo ---------------------------------------------------------------------------------------
+FINAL = re.compile(r"^\s+(baseline|balanced): small=(\d+\.\d{4})  large=(\d+\.\d{4})$")
+ROW = re.compile(r"^\s+(\d+)\s+(\d+\.\d{4})\s+(\d+\.\d{3})\s+(\d+\.\d{4})\s+(\d+\.\d{3})$")
+
+
+def demo_sections(out: str) -> dict[str, list[str]]:
+    sections: dict[str, list[str]] = {"": []}
+    current = ""
+    for line in out.splitlines():
+        if line.startswith("== ") and line.endswith(" =="):
+            current = line[3:-3]
+            sections[current] = []
+        elif line:
+            sections[current].append(line)
+    return sections
+
+
+def test_demo_runs_both_and_prints_their_final_losses(capsys) -> None:
+    assert main(["demo", "--steps", "3"]) == 0
+
+    sections = demo_sections(capsys.readouterr().out)
+    assert list(sections) == ["", "no balancing", "task_norm"]
+    finals = [m.groups() for line in sections["task_norm"] if (m := FINAL.match(line))]
+    assert [run for run, _, _ in finals] == ["baseline", "balanced"]
+    for _, small, large in finals:
+        assert math.isfinite(float(small)) and float(small) > 0
+        assert math.isfinite(float(large)) and float(large) > 0
+
+    for run in ("no balancing", "task_norm"):
+        rows = [ROW.match(line).groups() for line in sections[run] if ROW.match(line)]
+        assert [int(r[0]) for r in rows] == [0, 1, 2]  # three steps, each logged
+        for _, norm_small, w_small, norm_large, w_large in rows:
+            if run == "no balancing":
+                assert (w_small, w_large) == ("1.000", "1.000")
+            else:  # task_norm brings both tasks' contributions ‖w_k g_k‖ to the same norm
+                small, large = float(norm_small) * float(w_small), float(norm_large) * float(w_large)
+                assert small == pytest.approx(large, rel=1e-2)
+                assert float(w_small) > 1.0 > float(w_large)
+
+
+def test_demo_with_an_unknown_plugin_fails_with_a_message(capsys) -> None:
+    assert main(["demo", "--steps", "1", "--plugins", "nope"]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith("balancer demo: error: Invalid balancer configuration (1 error):\n")
+    assert "  - plugins.0.name: Unknown plugin `nope`. Available plugins: " in err
+    assert "Traceback" not in err
+
+
+# -- usage --------------------------------------------------------------------------------------
+def test_a_command_is_required(capsys) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main([])
+
+    assert excinfo.value.code == 2
+    assert "the following arguments are required: command" in capsys.readouterr().err
+
+
+def test_help_lists_the_commands(capsys) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--help"])
+
+    assert excinfo.value.code == 0
+    assert "{plugins,config-schema,demo}" in capsys.readouterr().out
