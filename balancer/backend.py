@@ -11,14 +11,19 @@ The step protocol, as the core drives it::
     gram = backend.gram()           # [k, k] float64, global, on backend.stats_device
     backend.drop(rows)              # only when some groups were non-finite
     backend.combine(weights, ...)   # Σ_k w_k g_k (+ ungrouped) where the inner optimizer reads it
-    inner.step()
+    backend.optimizer_step(closure)     # inner.step(), or engine.step() for DeepSpeed
     backend.end_step()
+
+A backend is chosen from what ``Balancer(...)`` is given: integrations implement the hook
+``balancer_make_backend(target)``; a plain ``torch.optim.Optimizer`` that no integration claims
+gets the :class:`~balancer.local.LocalBackend`.
 """
 
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -28,6 +33,16 @@ __all__ = ["Backend"]
 
 class Backend(abc.ABC):
     """Holds the group gradients of one step and computes their statistics."""
+
+    @property
+    @abc.abstractmethod
+    def optimizer(self) -> Any:
+        """The optimizer whose ``param_groups``, ``state``, ``defaults``, ``state_dict`` and
+        ``load_state_dict`` the Balancer forwards (for DeepSpeed: the engine's optimizer)."""
+
+    def optimizer_step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Applies the combined gradient: ``optimizer.step(closure)`` unless the framework steps itself."""
+        return self.optimizer.step() if closure is None else self.optimizer.step(closure)
 
     @property
     @abc.abstractmethod
@@ -56,9 +71,9 @@ class Backend(abc.ABC):
     def gram(self) -> Tensor:
         """The exact global ``[k, k]`` float64 Gram matrix of the present groups."""
 
-    def all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        """Sums a small tensor across ranks (identity for a single process)."""
-        return tensor
+    def reduce_losses(self, losses: Tensor) -> Tensor:
+        """Averages per-group loss values across data-parallel ranks (identity for one process)."""
+        return losses
 
     @abc.abstractmethod
     def expose_ungrouped(self, poison: Tensor | None = None) -> None:

@@ -6,6 +6,7 @@ __all__ = [
     "BalancerError",
     "CaptureError",
     "ConfigError",
+    "GroupMismatchError",
     "NonFiniteGradientError",
     "NonFiniteGradientWarning",
     "PluginError",
@@ -21,6 +22,10 @@ class BalancerError(Exception):
 
 class CaptureError(BalancerError):
     """Group capture was used the wrong way (nested groups, ``step()`` inside a group, bad names...)."""
+
+
+class GroupMismatchError(CaptureError):
+    """Data-parallel ranks disagree on the groups of a step; raised on every rank instead of a hang."""
 
 
 class ConfigError(BalancerError, ValueError):

@@ -21,11 +21,12 @@ order in which pluggy calls them never decides numerical order (the user's plugi
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 if TYPE_CHECKING:
+    from .backend import Backend
     from .plugin import Plugin
 
 PROJECT_NAME = "balancer"
@@ -39,4 +40,15 @@ def balancer_register_plugins(register: Callable[[type[Plugin]], None]) -> None:
 
     Each class must subclass :class:`balancer.Plugin` and set a unique ``name``. Registering a
     name that is already taken is an error reported against the registering package.
+    """
+
+
+@hookspec(firstresult=True)
+def balancer_make_backend(target: Any) -> Backend | None:
+    """Return a :class:`balancer.backend.Backend` for ``target``, or ``None`` to decline.
+
+    ``target`` is what was passed to ``Balancer(target, ...)``: a torch optimizer or a framework
+    object such as a DeepSpeed engine. The first non-``None`` answer is used; when every
+    implementation declines, a ``torch.optim.Optimizer`` gets the local backend. Called once, at
+    construction.
     """

@@ -9,7 +9,7 @@ exactly where the inner optimizer reads it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,20 +24,40 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _GRAM_CHUNK = 1 << 20  # columns per float32 upcast chunk for low-precision Gram matrices
 
 
-def _same(a: Tensor | None, b: Tensor) -> bool:
-    return a is b or (
-        a is not None and a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
-    )
+class TensorKind:
+    """How a parameter's gradient is stored: plain tensors here; sharded backends (FSDP2) store a
+    local shard wrapped in a distributed tensor and override both methods."""
+
+    @staticmethod
+    def local(tensor: Tensor) -> Tensor:
+        """The part of ``tensor`` this process holds."""
+        return tensor
+
+    @staticmethod
+    def wrap(param: Tensor, local_view: Tensor) -> Tensor:
+        """A gradient for ``param`` whose local data is ``local_view``."""
+        return local_view
+
+
+def _same(a: Tensor | None, b: Tensor, kind: type[TensorKind]) -> bool:
+    if a is b:
+        return True
+    if a is None:
+        return False
+    la, lb = kind.local(a), kind.local(b)
+    return la.data_ptr() == lb.data_ptr() and la.shape == lb.shape and la.stride() == lb.stride()
 
 
 class FlatBuffer:
     """Group rows and the ungrouped/combined row for parameters of one (device, dtype)."""
 
-    def __init__(self, params: list[Tensor]) -> None:
+    def __init__(self, params: list[Tensor], kind: type[TensorKind] = TensorKind) -> None:
         self.params = params
-        self.device = params[0].device
-        self.dtype = params[0].dtype
-        self.numels = [p.numel() for p in params]
+        self.kind = kind
+        self.locals = [kind.local(p) for p in params]
+        self.device = self.locals[0].device
+        self.dtype = self.locals[0].dtype
+        self.numels = [t.numel() for t in self.locals]
         self.offsets = [0]
         for numel in self.numels:
             self.offsets.append(self.offsets[-1] + numel)
@@ -48,9 +68,8 @@ class FlatBuffer:
         self._base_views: list[Tensor] | None = None
 
     def _views(self, flat: Tensor) -> list[Tensor]:
-        return [
-            flat[start:end].view_as(p) for p, start, end in zip(self.params, self.offsets[:-1], self.offsets[1:], strict=True)
-        ]
+        spans = zip(self.params, self.locals, self.offsets[:-1], self.offsets[1:], strict=True)
+        return [self.kind.wrap(p, flat[start:end].view_as(local)) for p, local, start, end in spans]
 
     def ensure_rows(self, count: int, used: int) -> None:
         """Grows the row buffer to hold ``count`` rows, keeping the first ``used`` rows."""
@@ -79,12 +98,12 @@ class FlatBuffer:
         """Moves each parameter's ungrouped ``.grad`` into ``base`` and points ``.grad`` at it."""
         for p, view in zip(self.params, self.base_views(), strict=True):
             grad = p.grad
-            if _same(grad, view):
+            if _same(grad, view, self.kind):
                 continue
             if grad is None:
-                view.zero_()
+                self.kind.local(view).zero_()
             else:
-                view.copy_(grad)
+                self.kind.local(view).copy_(self.kind.local(grad))
             p.grad = view
 
     def point_at(self, views: list[Tensor]) -> None:
@@ -105,17 +124,17 @@ class FlatBuffer:
         """After a group block: keeps gradients that autograd wrote out of place (``create_graph``)."""
         for p, view in zip(self.params, views, strict=True):
             grad = p.grad
-            if _same(grad, view):
+            if _same(grad, view, self.kind):
                 continue
             if grad is None:
-                view.zero_()
+                self.kind.local(view).zero_()
             else:
-                view.copy_(grad)
+                self.kind.local(view).copy_(self.kind.local(grad))
 
     @torch.no_grad()
-    def gram(self, m: int) -> Tensor:
+    def gram(self, m: int, columns: slice = slice(None)) -> Tensor:
         assert self.rows is not None
-        a = self.rows[:m]
+        a = self.rows[:m, columns]
         if self.dtype not in _LOW_PRECISION:
             return a @ a.T
         out = torch.zeros((m, m), dtype=torch.float32, device=self.device)
@@ -135,12 +154,14 @@ class LocalBackend(Backend):
     """Group gradients of a single process.
 
     Args:
-        param_groups: returns the inner optimizer's current ``param_groups``; read at the start of
-            every step so that ``add_param_group`` and reassigned groups are followed.
+        optimizer: the inner optimizer; its ``param_groups`` are read at the start of every step
+            so that ``add_param_group`` and reassigned groups are followed.
     """
 
-    def __init__(self, param_groups: Callable[[], list[dict[str, Any]]]) -> None:
-        self._param_groups = param_groups
+    kind: type[TensorKind] = TensorKind
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self._optimizer = optimizer
         self._buffers: list[FlatBuffer] = []
         self._layout: tuple[int, ...] = ()
         self._names: list[str] = []
@@ -165,8 +186,24 @@ class LocalBackend(Backend):
     def stats_device(self) -> torch.device:
         return self._buffers[0].device if self._buffers else torch.device("cpu")
 
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        return self._optimizer
+
     def _params(self) -> list[Tensor]:
-        return [p for group in self._param_groups() for p in group["params"]]
+        return [p for group in self._optimizer.param_groups for p in group["params"]]
+
+    # -- what distributed subclasses change ------------------------------------------------
+    def _agree(self, event: str) -> None:
+        """Distributed backends make every rank reach the same capture event (or all raise)."""
+
+    def _columns(self, buf: FlatBuffer) -> slice:
+        """The columns of ``buf`` whose Gram contribution this process computes."""
+        return slice(None)
+
+    def _reduce_gram(self, gram: Tensor) -> Tensor:
+        """Sums the Gram contributions of all processes."""
+        return gram
 
     def extra_bytes(self) -> int:
         return sum(b.rows.numel() * b.rows.element_size() for b in self._buffers if b.rows is not None)
@@ -179,14 +216,16 @@ class LocalBackend(Backend):
             return
         by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for p in params:
-            by_key.setdefault((p.device, p.dtype), []).append(p)
-        self._buffers = [FlatBuffer(ps) for ps in by_key.values()]
+            local = self.kind.local(p)
+            by_key.setdefault((local.device, local.dtype), []).append(p)
+        self._buffers = [FlatBuffer(ps, self.kind) for ps in by_key.values()]
         self._layout = layout
         self._adopted = False
 
     # -- capture ---------------------------------------------------------------------------
     @torch.no_grad()
     def enter(self, name: str) -> None:
+        self._agree(f"enter group {name!r}")
         self._restore_poison()
         if not self._names:
             self._sync_layout()
@@ -218,12 +257,13 @@ class LocalBackend(Backend):
 
     # -- statistics ------------------------------------------------------------------------
     def gram(self) -> Tensor:
+        self._agree(f"step() with groups {self._names}")
         m = len(self._names)
         device = self.stats_device
         total = torch.zeros((m, m), dtype=torch.float64, device=device)
         for buf in self._buffers:
-            total += buf.gram(m).to(device=device, dtype=torch.float64)
-        return total
+            total += buf.gram(m, self._columns(buf)).to(device=device, dtype=torch.float64)
+        return self._reduce_gram(total)
 
     # -- combination -----------------------------------------------------------------------
     @torch.no_grad()
@@ -258,7 +298,7 @@ class LocalBackend(Backend):
         m = len(self._names)
         if m == 0:
             if scale != 1.0:
-                grads = [p.grad for p in self._params() if p.grad is not None]
+                grads = [self.kind.local(p.grad) for p in self._params() if p.grad is not None]
                 if grads:
                     torch._foreach_mul_(grads, scale)
             return

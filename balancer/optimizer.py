@@ -30,7 +30,7 @@ from .config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_conf
 from .errors import CaptureError, NonFiniteGradientError, NonFiniteGradientWarning, PluginError
 from .local import LocalBackend
 from .plugin import Plugin, State
-from .registry import Registry
+from .registry import Registry, default_registry
 from .stats import GroupStats
 
 __all__ = ["Balancer"]
@@ -43,6 +43,19 @@ _HOOK_REGISTRIES = (
     "_optimizer_load_state_dict_pre_hooks",
     "_optimizer_load_state_dict_post_hooks",
 )
+
+
+def _select_backend(target: Any, registry: Registry | None) -> Backend:
+    backend = (registry or default_registry).make_backend(target)
+    if backend is not None:
+        return backend
+    if not isinstance(target, torch.optim.Optimizer):
+        raise TypeError(
+            f"Balancer wraps a torch.optim.Optimizer or a DeepSpeed engine. Found `{type(target).__name__}`. "
+            "Create the optimizer first, e.g. Balancer(torch.optim.AdamW(model.parameters()), ...); for a "
+            "DeepSpeed engine install the extra: pip install 'gradient-balancer[deepspeed]'."
+        )
+    return LocalBackend(target)
 
 
 class Balancer(torch.optim.Optimizer):
@@ -81,21 +94,16 @@ class Balancer(torch.optim.Optimizer):
         registry: Registry | None = None,
         backend: Backend | None = None,
     ) -> None:
-        if not isinstance(inner, torch.optim.Optimizer):
-            raise TypeError(
-                f"Balancer wraps a torch.optim.Optimizer. Found `{type(inner).__name__}`. "
-                "Create the optimizer first, e.g. Balancer(torch.optim.AdamW(model.parameters()), ...)."
-            )
         if isinstance(inner, Balancer):
             raise TypeError("Balancer(Balancer(...)): wrap the inner optimizer once and list all plugins there.")
         if on_nonfinite not in ("zero", "raise"):
             raise ValueError(f"`on_nonfinite` must be 'zero' or 'raise'. Found `on_nonfinite = {on_nonfinite!r}`.")
-        if model is not None:
-            check_model_params(model, inner)
-        self._inner = inner
         self._plugins: tuple[Plugin, ...] = tuple(build_plugins(plugins, registry))
+        self._backend: Backend = backend if backend is not None else _select_backend(inner, registry)
+        self._inner = self._backend.optimizer
+        if model is not None:
+            check_model_params(model, self._inner)
         self._plugin_states: dict[str, State] = {p.name: p.init() for p in self._plugins}
-        self._backend: Backend = backend if backend is not None else LocalBackend(self._inner_param_groups)
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self.last_stats: GroupStats | None = None
         self._step_count = 0
@@ -119,9 +127,6 @@ class Balancer(torch.optim.Optimizer):
             if attr not in self.__dict__:
                 setattr(self, attr, OrderedDict())
         self._patch_step_function()
-
-    def _inner_param_groups(self) -> list[dict[str, Any]]:
-        return self._inner.param_groups
 
     # -- forwarding: properties with setters, never aliased copies ---------------------------
     @property  # type: ignore[override]
@@ -268,7 +273,7 @@ class Balancer(torch.optim.Optimizer):
         device = gram.device
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
         losses = torch.stack([self._losses.get(n, nan).to(device) for n in names])
-        losses = self._backend.all_reduce_sum(losses)
+        losses = self._backend.reduce_losses(losses)
         full = GroupStats(
             names=names,
             gram=gram,
@@ -334,9 +339,9 @@ class Balancer(torch.optim.Optimizer):
     def _finish(self, closure: Callable[[], Any] | None, weights: Tensor | None) -> Any:
         if closure is not None:
             with torch.enable_grad():
-                result = self._inner.step(closure)
+                result = self._backend.optimizer_step(closure)
         else:
-            result = self._inner.step()
+            result = self._backend.optimizer_step()
         self._backend.end_step()
         self._losses.clear()
         self._captures.clear()

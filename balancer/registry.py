@@ -117,12 +117,12 @@ class Registry:
             self._pm.check_pending()
             classes: list[Any] = []
             hook_args = {"register": classes.append}
-            impls = [i for i in self._pm.hook.balancer_register_plugins.get_hookimpls() if i.plugin is obj]
-            if not impls:
+            if not self._pm.get_hookcallers(obj):
                 raise PluginLoadError(
-                    f"`{obj!r}` has no `balancer_register_plugins` hook. "
-                    "Define it and decorate it with `@balancer.hookimpl`."
+                    f"`{obj!r}` implements no balancer hook (`balancer_register_plugins` or "
+                    "`balancer_make_backend`). Define one and decorate it with `@balancer.hookimpl`."
                 )
+            impls = [i for i in self._pm.hook.balancer_register_plugins.get_hookimpls() if i.plugin is obj]
             for impl in impls:  # pluggy lets an implementation take a subset of the arguments
                 impl.function(*(hook_args[arg] for arg in impl.argnames))
             return self._collect_from_classes(classes, distribution, version)
@@ -182,6 +182,11 @@ class Registry:
                 PluginWarning,
                 stacklevel=4,
             )
+
+    def make_backend(self, target: Any) -> Any:
+        """Asks the integrations for a backend for ``target``; ``None`` if none claims it."""
+        self.load()
+        return self._pm.hook.balancer_make_backend(target=target)
 
     # -- lookup -----------------------------------------------------------------------------
     def names(self) -> list[str]:

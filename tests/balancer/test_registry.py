@@ -229,7 +229,7 @@ BROKEN = {
     ),
     "forgot-hookimpl": (
         FakeEntryPoint("plugins", types.SimpleNamespace(balancer_register_plugins=lambda register: None)),
-        "has no `balancer_register_plugins` hook. Define it and decorate it with `@balancer.hookimpl`",
+        "implements no balancer hook (`balancer_register_plugins` or `balancer_make_backend`). Define one and decorate it with `@balancer.hookimpl`",
     ),
 }
 
@@ -438,7 +438,7 @@ def test_register_hooks_without_a_hook_is_an_error(installed) -> None:
     installed()
     undecorated = types.SimpleNamespace(balancer_register_plugins=lambda register: register(Doubler))
 
-    with pytest.raises(PluginLoadError, match="has no `balancer_register_plugins` hook. Define it and decorate"):
+    with pytest.raises(PluginLoadError, match="implements no balancer hook"):
         Registry().register_hooks(undecorated)
 
 

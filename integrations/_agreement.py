@@ -1,0 +1,39 @@
+"""Every data-parallel rank must capture the same groups in the same order.
+
+Each capture event (entering a group, stepping) is one small all-reduce of a fingerprint. If
+the ranks disagree, they all take the slow path together, gather a description of what each
+rank was doing, and all raise the same :class:`~balancer.errors.GroupMismatchError`, instead of
+one rank waiting forever in a collective the others never join.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.distributed as dist
+
+from balancer.errors import GroupMismatchError
+
+
+class RankAgreement:
+    """Checks that all ranks of ``group`` reach the same event; ``device`` carries the collective."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> None:
+        self.group = group
+        self.device = device or torch.device("cpu")
+
+    def check(self, event: str) -> None:
+        code = zlib.crc32(event.encode("utf-8"))
+        pair = torch.tensor([code, -code], dtype=torch.int64, device=self.device)
+        dist.all_reduce(pair, op=dist.ReduceOp.MAX, group=self.group)
+        high, neg_low = pair.tolist()
+        if high == -neg_low:
+            return
+        events: list[str | None] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(events, event, group=self.group)
+        lines = "; ".join(f"rank {rank}: {what}" for rank, what in enumerate(events))
+        raise GroupMismatchError(
+            f"Data-parallel ranks disagree on the groups of this step ({lines}). Every rank must enter the "
+            "same groups, in the same order, with the same number of backward passes, and then call step()."
+        )

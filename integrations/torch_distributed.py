@@ -1,0 +1,151 @@
+"""Backends for torch data parallelism: DDP (replicated gradients) and FSDP2 (sharded gradients).
+
+Both keep the local backend's flat ``[k, n]`` rows and ``.grad`` views; they differ in what a
+row holds and how the Gram matrix becomes global:
+
+- **DDP** (:class:`ReplicatedBackend`): DDP averages each group's gradient during that group's
+  backward, straight into the row, so every rank holds the same rows. Each rank computes the
+  Gram of its ``1/W`` slice of columns and one all-reduce of the ``k×k`` matrix sums them: the
+  exact global statistics for ``1/W`` of the work. ``no_sync()``: inside a group block it may
+  wrap every backward but the last one of that group in the step (DDP then reduces the
+  accumulated row in the last one); a group whose backward passes all ran under ``no_sync``
+  would hold rank-local gradients, which the first step detects and refuses.
+- **FSDP2** (:class:`ShardedBackend`, ``fully_shard``): parameters and gradients are ``DTensor``
+  shards. The rows hold this rank's shard of each group gradient (FSDP2's reduce-scatter
+  accumulates into the row's ``DTensor`` view), the Gram matrix is the sum over ranks of the
+  local-shard Gram matrices, and the combination stays local.
+
+Every capture event (entering a group, stepping) is checked across ranks first, so ranks that
+disagree on the groups all raise :class:`~balancer.errors.GroupMismatchError` instead of hanging.
+Not supported yet, refused with a clear error: 2-D meshes (HSDP, tensor parallel), and
+parameters that are ``DTensor`` with a ``Replicate`` placement.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
+
+from balancer.errors import CaptureError
+from balancer.local import FlatBuffer, LocalBackend, TensorKind
+
+from ._agreement import RankAgreement
+
+__all__ = ["ReplicatedBackend", "ShardedBackend", "backend_for"]
+
+
+def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+class _DistributedMixin(LocalBackend):
+    """What DDP and FSDP2 share: rank agreement, reducing the Gram matrix and the losses."""
+
+    def _setup(self, group: dist.ProcessGroup | None) -> None:
+        self._group = group
+        self._device = _collective_device(group)
+        self._world = dist.get_world_size(group)
+        self._rank = dist.get_rank(group)
+        self._agreement = RankAgreement(group, self._device)
+
+    def _agree(self, event: str) -> None:
+        self._agreement.check(event)
+
+    def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        moved = tensor.to(self._device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=self._group)
+        return moved.to(tensor.device)
+
+    def _reduce_gram(self, gram: Tensor) -> Tensor:
+        return self._all_reduce_sum(gram)
+
+    def reduce_losses(self, losses: Tensor) -> Tensor:
+        return self._all_reduce_sum(losses) / self._world
+
+
+class ReplicatedBackend(_DistributedMixin):
+    """DDP: rows hold the rank-averaged group gradients, identical on every rank."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(optimizer)
+        self._setup(group)
+        self._verified = False
+
+    def _columns(self, buf: FlatBuffer) -> slice:
+        chunk = math.ceil(buf.n / self._world)
+        return slice(min(buf.n, self._rank * chunk), min(buf.n, (self._rank + 1) * chunk))
+
+    @torch.no_grad()
+    def gram(self) -> Tensor:
+        gram = super().gram()
+        if not self._verified:
+            self._verify_replicated(gram)
+            self._verified = True
+        return gram
+
+    def _verify_replicated(self, gram: Tensor) -> None:
+        m = len(self.names)
+        local = sum(buf.gram(m).to(gram) for buf in self.buffers)
+        scale = gram.diagonal().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+        differs = ((local - gram).abs().max() > 1e-4 * scale) & torch.isfinite(gram).all()
+        flag = self._all_reduce_sum(differs.to(torch.float64).reshape(1))
+        if flag.item() > 0:
+            raise CaptureError(
+                "Group gradients differ across data-parallel ranks, so they were not averaged: wrap the model in "
+                "DistributedDataParallel, and let the last backward of every group synchronize (use no_sync() "
+                "only on the earlier backward passes of a group)."
+            )
+
+
+class DTensorKind(TensorKind):
+    """Gradients of FSDP2 parameters: ``DTensor`` views whose local data lies in the rows."""
+
+    @staticmethod
+    def local(tensor: Tensor) -> Tensor:
+        return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+    @staticmethod
+    def wrap(param: Tensor, local_view: Tensor) -> Tensor:
+        assert isinstance(param, DTensor)
+        return DTensor.from_local(
+            local_view, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
+
+
+class ShardedBackend(_DistributedMixin):
+    """FSDP2: rows hold this rank's shard of every group gradient."""
+
+    kind = DTensorKind
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        meshes = {p.device_mesh for p in params if isinstance(p, DTensor)}
+        plain = [tuple(p.shape) for p in params if not isinstance(p, DTensor)]
+        if plain or len(meshes) != 1:
+            raise CaptureError(
+                "FSDP2: every optimized parameter must be a DTensor on one device mesh. Found "
+                f"{len(plain)} plain tensor(s) {plain[:3]} and {len(meshes)} mesh(es). Apply fully_shard to the "
+                "whole model (the root module too) before building the optimizer."
+            )
+        mesh = meshes.pop()
+        if mesh.ndim != 1 or any(not all(isinstance(pl, Shard) for pl in p.placements) for p in params):
+            raise CaptureError(
+                f"FSDP2 with a {mesh.ndim}-D mesh or non-Shard placements (HSDP, tensor parallel) is not supported "
+                "yet: the Gram matrix would count replicated elements more than once. Use a 1-D fully_shard mesh."
+            )
+        self._setup(mesh.get_group())
+
+
+def backend_for(optimizer: torch.optim.Optimizer) -> LocalBackend:
+    """DDP or FSDP2 backend for an optimizer of a model under ``torch.distributed``."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if any(isinstance(p, DTensor) for p in params):
+        return ShardedBackend(optimizer)
+    return ReplicatedBackend(optimizer)

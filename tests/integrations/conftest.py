@@ -1,0 +1,59 @@
+"""Multi-rank test harness: 2 CPU processes under torchrun (gloo), on a free port, with a timeout.
+
+A hang fails the test instead of blocking CI: the whole process group of the launch is killed
+when the timeout expires.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Launch:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+
+    def __call__(
+        self, script: str, *args: str, nprocs: int = 2, timeout: float = 240, expect_failure: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        path = self.tmp_path / "rank_script.py"
+        path.write_text(textwrap.dedent(script))
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nproc_per_node={nprocs}", "--nnodes=1", f"--master_port={free_port()}", "--master_addr=127.0.0.1",
+            str(path), str(self.tmp_path), *args,
+        ]  # fmt: skip
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True
+        )
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, _ = proc.communicate()
+            pytest.fail(f"multi-rank run timed out after {timeout}s (a hang?); output:\n{out[-4000:]}")
+        result = subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+        if not expect_failure and proc.returncode != 0:
+            pytest.fail(f"multi-rank run failed with exit code {proc.returncode}; output:\n{out[-6000:]}")
+        return result
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Launch:
+    """``launch(script, *args)`` runs ``script`` on 2 ranks; ``sys.argv[1]`` is a shared temp folder."""
+    return Launch(tmp_path)
