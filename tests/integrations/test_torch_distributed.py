@@ -15,7 +15,7 @@ GROUPS = {"small": 0.1, "mid": 1.0, "large": 30.0}  # gradient scales differ by 
 RANK_SCRIPT = """
 import json, sys, torch, torch.distributed as dist
 from pathlib import Path
-from balancer import Balancer, GroupMismatchError
+from balancer import Balancer, CaptureError, GroupMismatchError
 
 out, mode = Path(sys.argv[1]), sys.argv[2]
 dist.init_process_group("gloo")
@@ -44,10 +44,20 @@ try:
         for name in names:
             with opt.group(name):
                 x, y = batch(step, name)
-                torch.nn.functional.mse_loss(model(x), y).backward()
+                if mode in ("no_sync", "all_no_sync"):
+                    # two micro-batches: the first one (or, wrongly, both) without DDP's all-reduce
+                    with model.no_sync():
+                        (torch.nn.functional.mse_loss(model(x[:2]), y[:2]) / 2).backward()
+                    if mode == "all_no_sync":
+                        with model.no_sync():
+                            (torch.nn.functional.mse_loss(model(x[2:]), y[2:]) / 2).backward()
+                    else:
+                        (torch.nn.functional.mse_loss(model(x[2:]), y[2:]) / 2).backward()
+                else:
+                    torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-except GroupMismatchError as exc:
+except (GroupMismatchError, CaptureError) as exc:
     (out / f"error{{rank}}.txt").write_text(str(exc))
     sys.exit(0)
 params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
@@ -73,11 +83,11 @@ def _reference():
     return [p.detach() for p in model.parameters()], opt.last_stats.weights
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "no_sync"])
 def test_two_ranks_match_one_process_on_the_global_batch(mode, launch, tmp_path):
     launch(RANK_SCRIPT, mode, json.dumps(GROUPS))
     expected, weights = _reference()
-    backend = {"ddp": "ReplicatedBackend", "fsdp": "ShardedBackend"}[mode]
+    backend = {"ddp": "ReplicatedBackend", "fsdp": "ShardedBackend", "no_sync": "ReplicatedBackend"}[mode]
     assert (tmp_path / "backend0.txt").read_text() == (tmp_path / "backend1.txt").read_text() == backend
     for rank in range(2):
         got = torch.load(tmp_path / f"params{rank}.pt", weights_only=True)
@@ -87,10 +97,15 @@ def test_two_ranks_match_one_process_on_the_global_batch(mode, launch, tmp_path)
         torch.testing.assert_close(torch.tensor(ranked, dtype=torch.float64), weights, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("mode", ["mismatch"])
-def test_ranks_with_different_groups_all_raise(mode, launch, tmp_path):
-    launch(RANK_SCRIPT, mode, json.dumps(GROUPS), timeout=120)
+def test_ranks_with_different_groups_all_raise(launch, tmp_path):
+    launch(RANK_SCRIPT, "mismatch", json.dumps(GROUPS), timeout=120)
     for rank in range(2):
         message = (tmp_path / f"error{rank}.txt").read_text()
         assert "rank 0: enter group 'mid'" in message
         assert "rank 1: step() with groups ['small']" in message
+
+
+def test_a_group_never_synchronized_is_refused_on_every_rank(launch, tmp_path):
+    launch(RANK_SCRIPT, "all_no_sync", json.dumps(GROUPS), timeout=120)
+    for rank in range(2):
+        assert "differ across data-parallel ranks" in (tmp_path / f"error{rank}.txt").read_text()
