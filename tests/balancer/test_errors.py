@@ -67,10 +67,8 @@ def test_exception_inside_a_group_block_restores_gradients(model, batches, group
         group_loss(model, batches["g0"]).backward()
         raise RuntimeError("boom")
     assert opt.backend.active is None
-    row = opt.backend.buffers[0].rows[0]
-    for p in model.parameters():
-        assert p.grad is not None and not p.grad.any()  # .grad is the (empty) ungrouped gradient again
-        assert p.grad.data_ptr() != row.data_ptr()
+    assert all(p.grad is None for p in model.parameters())  # the ungrouped gradients are back
+    assert opt.backend.buffers[0].row(0).abs().sum() > 0  # what the backward produced is kept
 
 
 def test_backward_rejects_non_scalar_and_detached_losses(model, batches, group_loss):

@@ -18,17 +18,21 @@ def _flat_grads(model, loss):
     ])
 
 
-def test_grad_is_a_view_into_the_group_row_while_capturing(model, batches, group_loss):
+def test_first_capture_hands_over_the_gradient_and_later_captures_accumulate_in_place(model, batches, group_loss):
     opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
+    loss = group_loss(model, batches["g0"])
+    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)])
     with opt.group("g0"):
-        group_loss(model, batches["g0"]).backward()
-        rows = opt.backend.buffers[0].rows
-        start, end = rows.data_ptr(), rows.data_ptr() + rows.numel() * rows.element_size()
-        for p in model.parameters():
-            assert start <= p.grad.data_ptr() < end
-    flat = rows[0]
-    first = next(model.parameters())
-    assert torch.equal(flat[: first.numel()].view_as(first), opt.backend.buffers[0].row_views(0)[0])
+        loss.backward(retain_graph=True)
+    buf = opt.backend.buffers[0]
+    assert torch.equal(buf.row(0), expected)  # copied once from the gradient autograd produced
+    assert all(p.grad is None for p in model.parameters())  # the ungrouped gradients are back
+    with opt.group("g0"):
+        (block,) = buf.blocks
+        start, end = block.data_ptr(), block.data_ptr() + block.numel() * block.element_size()
+        assert all(start <= p.grad.data_ptr() < end for p in model.parameters())  # views into the row
+        loss.backward()
+    torch.testing.assert_close(buf.row(0), 2 * expected)
 
 
 def test_extra_memory_is_k_rows(model, batches, group_loss):
@@ -117,7 +121,11 @@ def test_new_group_mid_training_grows_the_buffer(make_model, batches, group_loss
     gram = opt.backend.gram()
     reference = torch.stack(expected) @ torch.stack(expected).T
     torch.testing.assert_close(gram, reference, rtol=1e-12, atol=1e-14)
-    assert opt.backend.buffers[0].rows.shape[0] == 3
+    buf = opt.backend.buffers[0]
+    assert [b.shape[0] for b in buf.blocks] == [1, 1, 1]  # each new row got a block: nothing copied
+    assert opt.backend.extra_bytes() == 3 * buf.n * 8
+    opt.step()
+    assert [b.shape[0] for b in buf.blocks] == [3]  # merged for the next step
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
@@ -129,7 +137,7 @@ def test_create_graph_backward_inside_a_group(make_model, batches, group_loss):
     with opt.group("a"):
         loss.backward(create_graph=True)  # autograd accumulates out of place here
     torch.testing.assert_close(opt.backend.gram()[0, 0], expected.dot(expected), rtol=1e-12, atol=0)
-    assert not opt.backend.buffers[0].rows.requires_grad  # values kept, graph dropped
+    assert not any(b.requires_grad for b in opt.backend.buffers[0].blocks)  # values kept, graph dropped
 
 
 def test_parameter_added_between_steps_is_balanced(make_model, batches, group_loss):
@@ -149,7 +157,7 @@ def test_low_precision_gram_accumulates_in_float32():
     opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
     x = torch.randn(16, 64, dtype=torch.bfloat16)
     opt.backward({"a": model(x).float().pow(2).mean(), "b": model(x * 2).float().mean()})
-    rows = opt.backend.buffers[0].rows[:2].double()
+    rows = torch.stack([opt.backend.buffers[0].row(i) for i in range(2)]).double()
     torch.testing.assert_close(opt.backend.gram(), rows @ rows.T, rtol=1e-5, atol=1e-6)
 
 

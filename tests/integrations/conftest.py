@@ -1,4 +1,7 @@
-"""Multi-rank test harness: 2 CPU processes under torchrun (gloo), on a free port, with a timeout.
+"""Multi-rank test harness: 2 CPU processes under torchrun (gloo), with a timeout.
+
+``--standalone`` lets the rendezvous pick a free port itself, so concurrent launches cannot
+race for one.
 
 A hang fails the test instead of blocking CI: the whole process group of the launch is killed
 when the timeout expires.
@@ -8,19 +11,12 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Launch:
@@ -34,7 +30,7 @@ class Launch:
         path.write_text(textwrap.dedent(script))
         cmd = [
             sys.executable, "-m", "torch.distributed.run",
-            f"--nproc_per_node={nprocs}", "--nnodes=1", f"--master_port={free_port()}", "--master_addr=127.0.0.1",
+            "--standalone", f"--nproc_per_node={nprocs}",
             str(path), str(self.tmp_path), *args,
         ]  # fmt: skip
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "DS_ACCELERATOR": "cpu"}
