@@ -31,7 +31,8 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
 from balancer.errors import CaptureError
-from balancer.local import FlatBuffer, LocalBackend, TensorKind
+from balancer.flat_buffer import FlatBuffer, TensorKind
+from balancer.local import LocalBackend
 
 from ._agreement import RankAgreement
 
