@@ -18,7 +18,8 @@ from torch import Tensor
 __all__ = ["FlatBuffer", "TensorKind", "gram_of"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-_GRAM_TILE = 4096  # columns per tile of the batched Gram product (faster and more accurate than one GEMM)
+_GRAM_MIN_TILE = 1024  # columns per tile of the batched Gram product (faster and more accurate than one GEMM)
+_GRAM_MAX_PARTIALS = 1 << 20  # cap on the numbers in the per-tile partial products
 _UPCAST_CHUNK = 1 << 20  # columns per float32 upcast of low-precision rows
 
 
@@ -35,12 +36,13 @@ def gram_of(a: Tensor, b: Tensor | None = None) -> Tensor:
             out.addmm_(ca.float(), cb.float().T)
         return out
     n = a.shape[1]
-    tiles = n // _GRAM_TILE
+    tiles = min(n // _GRAM_MIN_TILE, _GRAM_MAX_PARTIALS // max(1, a.shape[0] * b.shape[0]))
     if tiles < 2 or a.stride(1) != 1 or b.stride(1) != 1:
         return a @ b.T
-    split = tiles * _GRAM_TILE
-    ta = a[:, :split].unflatten(1, (tiles, _GRAM_TILE)).transpose(0, 1)
-    tb = b[:, :split].unflatten(1, (tiles, _GRAM_TILE)).transpose(0, 1)
+    tile = n // tiles
+    split = tiles * tile
+    ta = a[:, :split].unflatten(1, (tiles, tile)).transpose(0, 1)
+    tb = b[:, :split].unflatten(1, (tiles, tile)).transpose(0, 1)
     out = torch.bmm(ta, tb.transpose(1, 2)).sum(0)
     if split < n:
         out += a[:, split:] @ b[:, split:].T

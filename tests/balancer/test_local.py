@@ -182,3 +182,14 @@ def test_gram_matches_float64_reference_for_any_capture_order(order, seed):
     assert opt.backend.names == tuple(names)
     a = torch.stack([totals[n] for n in names])
     torch.testing.assert_close(opt.backend.gram(), a @ a.T, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize(("k", "n"), [(1, 5000), (3, 1023), (3, 4097), (8, 300_001), (40, 70_000)])
+def test_tiled_gram_product_matches_float64(k, n):
+    from balancer.flat_buffer import gram_of
+
+    a = torch.randn(k, n, generator=torch.Generator().manual_seed(k))
+    exact = a.double() @ a.double().T
+    torch.testing.assert_close(gram_of(a).double(), exact, rtol=1e-5, atol=1e-3)
+    b = torch.randn(2, n, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(gram_of(a, b).double(), a.double() @ b.double().T, rtol=1e-5, atol=1e-3)
