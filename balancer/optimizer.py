@@ -23,11 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_graph_leaves, check_group_name, check_loss, check_model_params, check_weights
+from ._checks import check_graph_leaves, check_group_name, check_loss, check_model_params
+from ._weighting import Verdict, read_verdict, run_plugins
 from ._state import load_balancer_section, make_balancer_section
 from .backend import Backend
 from .config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_config
-from .errors import CaptureError, NonFiniteGradientError, NonFiniteGradientWarning, PluginError
+from .errors import CaptureError, NonFiniteGradientError, NonFiniteGradientWarning
 from .local import LocalBackend
 from .plugin import Plugin, State
 from .registry import Registry, default_registry
@@ -244,97 +245,50 @@ class Balancer(torch.optim.Optimizer):
                 "scaler.unscale_(opt) was called before scaler.step(opt): it unscales only the ungrouped "
                 "gradients. Call scaler.step(opt) directly; the Balancer unscales group gradients itself."
             )
-        # One host sync: non-finite groups, the scaler's verdict and scale.
         gram = self._early_gram if self._early_gram is not None else (self._backend.gram() if names else None)
         self._early_gram = None
         device = self._backend.stats_device
-        probe = [torch.zeros((), dtype=torch.float64, device=device)]
-        if gram is not None:
-            probe.append((~torch.isfinite(gram.diagonal())).to(device=device, dtype=torch.float64))
-        if found_inf is not None:
-            probe.append(found_inf.to(device=device, dtype=torch.float64).reshape(1))
-        if grad_scale is not None:
-            probe.append(grad_scale.to(device=device, dtype=torch.float64).reshape(1))
-        values = torch.cat([t.reshape(-1) for t in probe]).tolist()[1:]
-        bad = [bool(v) for v in values[: len(names)]] if gram is not None else []
-        rest = values[len(bad) :]
-        inf_found = bool(rest.pop(0)) if found_inf is not None else False
-        scale = 1.0 / rest.pop(0) if grad_scale is not None else 1.0
-        if inf_found or (grad_scale is not None and any(bad)):
+        verdict = read_verdict(gram, found_inf, grad_scale, device)  # the first of at most two host syncs
+        if verdict.overflow or (grad_scale is not None and any(verdict.nonfinite)):
             return None  # AMP overflow: skip, plugin state untouched; the scaler backs off
         if gram is None:
-            self._backend.combine(torch.zeros(0, dtype=torch.float64, device=device), scale=scale)
+            self._backend.combine(torch.zeros(0, dtype=torch.float64, device=device), scale=verdict.scale)
             return self._finish(closure, None)
-        return self._grouped_step(closure, names, gram * (scale * scale), bad, scale)
+        return self._grouped_step(closure, names, gram * verdict.scale**2, verdict)
 
     def _grouped_step(
-        self, closure: Callable[[], Any] | None, names: tuple[str, ...], gram: Tensor, bad: list[bool], scale: float
+        self, closure: Callable[[], Any] | None, names: tuple[str, ...], gram: Tensor, verdict: Verdict
     ) -> Any:
         device = gram.device
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
-        losses = torch.stack([self._losses.get(n, nan).to(device) for n in names])
-        losses = self._backend.reduce_losses(losses)
-        full = GroupStats(
-            names=names,
-            gram=gram,
-            losses=losses,
-            backward_calls=tuple(self._captures.get(n, 0) for n in names),
-            step=self._step_count,
-        )
-        dropped = [i for i, b in enumerate(bad) if b]
+        losses = self._backend.reduce_losses(torch.stack([self._losses.get(n, nan).to(device) for n in names]))
+        calls = tuple(self._captures.get(n, 0) for n in names)
+        full = GroupStats(names=names, gram=gram, losses=losses, backward_calls=calls, step=self._step_count)
+        dropped = [i for i, bad in enumerate(verdict.nonfinite) if bad]
         if dropped:
-            bad_names = [names[i] for i in dropped]
-            if self.on_nonfinite == "raise":
-                raise NonFiniteGradientError(
-                    f"Non-finite (NaN/inf) gradients in group(s) {bad_names}; step refused, parameters untouched. "
-                    "Check these groups' losses, or use on_nonfinite='zero' to drop such groups for the step."
-                )
-            warnings.warn(
-                f"Non-finite (NaN/inf) gradients in group(s) {bad_names}: weight 0 for this step.",
-                NonFiniteGradientWarning,
-                stacklevel=3,
-            )
-        keep = [i for i, b in enumerate(bad) if not b]
+            self._report_nonfinite([names[i] for i in dropped])
+        keep = [i for i, bad in enumerate(verdict.nonfinite) if not bad]
+        weights, new_states = run_plugins(self._plugins, self._plugin_states, full.select(keep))
         index = torch.tensor(keep, dtype=torch.long, device=device)
-        stats = dataclasses.replace(
-            full,
-            names=tuple(names[i] for i in keep),
-            gram=full.gram.index_select(0, index).index_select(1, index),
-            losses=full.losses.index_select(0, index),
-            backward_calls=tuple(full.backward_calls[i] for i in keep),
-        )
-        weights, new_states = self._run_plugins(stats)
         full_weights = torch.zeros(len(names), dtype=torch.float64, device=device).index_copy(0, index, weights)
         if dropped:
             self._backend.drop(dropped)
-        self._backend.combine(full_weights, scale=scale)
+        self._backend.combine(full_weights, scale=verdict.scale)
         self._plugin_states = new_states
         self.last_stats = dataclasses.replace(full, weights=full_weights)
         return self._finish(closure, full_weights)
 
-    def _run_plugins(self, stats: GroupStats) -> tuple[Tensor, dict[str, State]]:
-        weights = torch.ones(stats.num_groups, dtype=torch.float64, device=stats.gram.device)
-        new_states = dict(self._plugin_states)
-        finite: list[Tensor] = []
-        for plugin in self._plugins:
-            try:
-                out, new_states[plugin.name] = plugin.update(stats, weights, new_states[plugin.name])
-            except Exception as exc:
-                raise PluginError(
-                    f"Plugin `{plugin.name}` failed in update(): {type(exc).__name__}: {exc}. "
-                    "Step refused; parameters and plugin states untouched."
-                ) from exc
-            weights = check_weights(plugin.name, out, stats)
-            finite.append(torch.isfinite(weights).all())
-        if finite:
-            flags = torch.stack(finite).tolist()  # second (and last) host sync
-            for plugin, ok in zip(self._plugins, flags, strict=True):
-                if not ok:
-                    raise PluginError(
-                        f"Plugin `{plugin.name}` returned non-finite weights for groups {list(stats.names)}. "
-                        "Step refused; parameters and plugin states untouched."
-                    )
-        return weights, new_states
+    def _report_nonfinite(self, bad_names: list[str]) -> None:
+        if self.on_nonfinite == "raise":
+            raise NonFiniteGradientError(
+                f"Non-finite (NaN/inf) gradients in group(s) {bad_names}; step refused, parameters untouched. "
+                "Check these groups' losses, or use on_nonfinite='zero' to drop such groups for the step."
+            )
+        warnings.warn(
+            f"Non-finite (NaN/inf) gradients in group(s) {bad_names}: weight 0 for this step.",
+            NonFiniteGradientWarning,
+            stacklevel=4,
+        )
 
     def _finish(self, closure: Callable[[], Any] | None, weights: Tensor | None) -> Any:
         if closure is not None:

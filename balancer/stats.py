@@ -80,6 +80,18 @@ class GroupStats:
         safe = torch.where(outer > 0, outer, torch.ones_like(outer))
         return torch.where(outer > 0, self.gram / safe, torch.zeros_like(outer))
 
+    def select(self, rows: Sequence[int]) -> GroupStats:
+        """The stats of a subset of the groups, in the given order."""
+        index = torch.tensor(list(rows), dtype=torch.long, device=self.gram.device)
+        return dataclasses.replace(
+            self,
+            names=tuple(self.names[i] for i in rows),
+            gram=self.gram.index_select(0, index).index_select(1, index),
+            losses=self.losses.index_select(0, index),
+            backward_calls=tuple(self.backward_calls[i] for i in rows),
+            weights=None if self.weights is None else self.weights.index_select(0, index),
+        )
+
     def index(self, name: str) -> int:
         """Row of group ``name``."""
         return self.names.index(name)

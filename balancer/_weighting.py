@@ -1,0 +1,72 @@
+"""The numerical middle of a step: the one host sync that reads the step's verdict, and the
+plugin chain ``w = p_n(… p_1(stats, ones) …)``."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from ._checks import check_weights
+from .errors import PluginError
+from .plugin import Plugin, State
+from .stats import GroupStats
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What the step needs to know on the host, read in one synchronisation."""
+
+    nonfinite: list[bool]  # per group: NaN/inf in its gradient
+    overflow: bool  # the GradScaler found inf/NaN in the ungrouped gradients
+    scale: float  # 1 / the GradScaler's scale (1.0 without AMP)
+
+
+def read_verdict(
+    gram: Tensor | None, found_inf: Tensor | None, grad_scale: Tensor | None, device: torch.device
+) -> Verdict:
+    parts = [torch.zeros(0, dtype=torch.float64, device=device)]
+    if gram is not None:
+        parts.append((~torch.isfinite(gram.diagonal())).to(device=device, dtype=torch.float64))
+    for value in (found_inf, grad_scale):
+        if value is not None:
+            parts.append(value.to(device=device, dtype=torch.float64).reshape(1))
+    values = torch.cat(parts).tolist()
+    k = 0 if gram is None else gram.shape[0]
+    rest = values[k:]
+    overflow = bool(rest.pop(0)) if found_inf is not None else False
+    scale = 1.0 / rest.pop(0) if grad_scale is not None else 1.0
+    return Verdict([bool(v) for v in values[:k]], overflow, scale)
+
+
+def run_plugins(
+    plugins: Sequence[Plugin], states: dict[str, State], stats: GroupStats
+) -> tuple[Tensor, dict[str, State]]:
+    """Runs the plugins in order; returns the weights and the new states (``states`` is not modified).
+
+    Raises :class:`PluginError` naming the plugin if one fails or returns unusable weights; the
+    finiteness of every plugin's weights is read in one host sync at the end.
+    """
+    weights = torch.ones(stats.num_groups, dtype=torch.float64, device=stats.gram.device)
+    new_states = dict(states)
+    finite: list[Tensor] = []
+    for plugin in plugins:
+        try:
+            out, new_states[plugin.name] = plugin.update(stats, weights, new_states[plugin.name])
+        except Exception as exc:
+            raise PluginError(
+                f"Plugin `{plugin.name}` failed in update(): {type(exc).__name__}: {exc}. "
+                "Step refused; parameters and plugin states untouched."
+            ) from exc
+        weights = check_weights(plugin.name, out, stats)
+        finite.append(torch.isfinite(weights).all())
+    if finite:
+        for plugin, ok in zip(plugins, torch.stack(finite).tolist(), strict=True):
+            if not ok:
+                raise PluginError(
+                    f"Plugin `{plugin.name}` returned non-finite weights for groups {list(stats.names)}. "
+                    "Step refused; parameters and plugin states untouched."
+                )
+    return weights, new_states
