@@ -23,9 +23,11 @@ from .errors import (
     StateDictError,
 )
 from .hookspecs import hookimpl
+from .metrics import MetricsLogger
 from .optimizer import Balancer
 from .plugin import Plugin, PluginOptions, State
 from .registry import PluginInfo, Registry, default_registry, list_plugins
+from .split_half import SplitHalf
 from .stats import GroupStats
 
 try:
@@ -41,6 +43,7 @@ __all__ = [
     "ConfigError",
     "GroupMismatchError",
     "GroupStats",
+    "MetricsLogger",
     "NonFiniteGradientError",
     "NonFiniteGradientWarning",
     "Plugin",
@@ -51,6 +54,7 @@ __all__ = [
     "PluginSpec",
     "PluginWarning",
     "Registry",
+    "SplitHalf",
     "State",
     "StateDictError",
     "__version__",

@@ -1,4 +1,4 @@
-"""The ``balancer`` command: ``plugins``, ``config-schema`` and ``demo``."""
+"""The ``balancer`` command: ``plugins``, ``config-schema``, ``demo`` and ``report``."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     infos = list_plugins()
     if args.json:
         rows = [
-            {"name": i.name, "distribution": i.distribution, "version": i.version, "summary": i.summary}
-            for i in infos
+            {"name": i.name, "distribution": i.distribution, "version": i.version, "summary": i.summary} for i in infos
         ]
         print(json.dumps(rows, indent=2))
         return 0
@@ -40,7 +39,34 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    return run_demo(steps=args.steps, seed=args.seed, plugins=args.plugins)
+    return run_demo(
+        steps=args.steps,
+        seed=args.seed,
+        plugins=args.plugins,
+        out=args.out,
+        quick=args.quick,
+        loss_norm=args.loss_norm,
+        threads=args.threads,
+    )
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    try:
+        out = write_report(args.log, args.output, smooth=args.smooth)
+    except (OSError, ValueError) as exc:
+        print(f"balancer report: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"Report: {out}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, found {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,11 +77,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_plugins)
     s = sub.add_parser("config-schema", help="print the JSON schema of the 'balancer' config section")
     s.set_defaults(func=_cmd_schema)
-    d = sub.add_parser("demo", help="two tasks of different gradient scale, with and without balancing")
-    d.add_argument("--steps", type=int, default=200, help="training steps per run (default 200)")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--plugins", default="task_norm", help="comma-separated plugins for the balanced run")
+    d = sub.add_parser(
+        "demo", help="multi-task GRPO: the per-task gradient imbalance of Wu et al., without and with balancing"
+    )
+    d.add_argument("--steps", type=_positive_int, help="optimizer steps per run (default 1200; 24 with --quick)")
+    d.add_argument("--seed", type=int, default=0, help="same seed, same metrics (default 0)")
+    d.add_argument(
+        "--plugins", default="task_norm", help="comma-separated plugins for the balanced run (default task_norm)"
+    )
+    d.add_argument(
+        "--out", default="balancer-demo", help="folder for metrics.jsonl and report.png (default ./balancer-demo)"
+    )
+    d.add_argument("--quick", action="store_true", help="tiny batches and few steps: a smoke test")
+    d.add_argument(
+        "--loss-norm",
+        choices=("sequence", "token"),
+        default="sequence",
+        help="sum (sequence) or average (token) of each response's token losses (default sequence)",
+    )
+    d.add_argument("--threads", type=_positive_int, default=1, help="torch threads while training (default 1)")
     d.set_defaults(func=_cmd_demo)
+    r = sub.add_parser("report", help="plot a metrics log (one column per run) into a PNG")
+    r.add_argument("log", help="a metrics.jsonl written by balancer.metrics.MetricsLogger or balancer demo")
+    r.add_argument("-o", "--output", default="report.png", help="the PNG to write (default report.png)")
+    r.add_argument("--smooth", type=_positive_int, help="moving-average window in steps (default: 1/15 of the run)")
+    r.set_defaults(func=_cmd_report)
     return parser
 
 

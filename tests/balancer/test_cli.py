@@ -1,13 +1,11 @@
-"""The ``balancer`` command: ``plugins`` (table and JSON), ``config-schema`` and ``demo``, called
-through ``balancer.cli.main``, plus one run of the installed console script."""
+"""The ``balancer`` command: ``plugins`` (table and JSON), ``config-schema``, ``demo`` errors and
+usage, called through ``balancer.cli.main``, plus one run of the installed console script."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import inspect
 import json
-import math
-import re
 import subprocess
 import sys
 import sysconfig
@@ -136,46 +134,7 @@ def test_config_schema_prints_the_json_schema(capsys) -> None:
     jsonschema.Draft202012Validator.check_schema(schema)
 
 
-# -- demo ---------------------------------------------------------------------------------------
-FINAL = re.compile(r"^\s+(baseline|balanced): small=(\d+\.\d{4})  large=(\d+\.\d{4})$")
-ROW = re.compile(r"^\s+(\d+)\s+(\d+\.\d{4})\s+(\d+\.\d{3})\s+(\d+\.\d{4})\s+(\d+\.\d{3})$")
-
-
-def demo_sections(out: str) -> dict[str, list[str]]:
-    sections: dict[str, list[str]] = {"": []}
-    current = ""
-    for line in out.splitlines():
-        if line.startswith("== ") and line.endswith(" =="):
-            current = line[3:-3]
-            sections[current] = []
-        elif line:
-            sections[current].append(line)
-    return sections
-
-
-def test_demo_runs_both_and_prints_their_final_losses(capsys) -> None:
-    assert main(["demo", "--steps", "3"]) == 0
-
-    sections = demo_sections(capsys.readouterr().out)
-    assert list(sections) == ["", "no balancing", "task_norm"]
-    finals = [m.groups() for line in sections["task_norm"] if (m := FINAL.match(line))]
-    assert [run for run, _, _ in finals] == ["baseline", "balanced"]
-    for _, small, large in finals:
-        assert math.isfinite(float(small)) and float(small) > 0
-        assert math.isfinite(float(large)) and float(large) > 0
-
-    for run in ("no balancing", "task_norm"):
-        rows = [ROW.match(line).groups() for line in sections[run] if ROW.match(line)]
-        assert [int(r[0]) for r in rows] == [0, 1, 2]  # three steps, each logged
-        for _, norm_small, w_small, norm_large, w_large in rows:
-            if run == "no balancing":
-                assert (w_small, w_large) == ("1.000", "1.000")
-            else:  # task_norm brings both tasks' contributions ‖w_k g_k‖ to the same norm
-                small, large = float(norm_small) * float(w_small), float(norm_large) * float(w_large)
-                assert small == pytest.approx(large, rel=1e-2)
-                assert float(w_small) > 1.0 > float(w_large)
-
-
+# -- demo (the demo itself: test_demo.py; the report command: test_report.py) ----------------------
 def test_demo_with_an_unknown_plugin_fails_with_a_message(capsys) -> None:
     assert main(["demo", "--steps", "1", "--plugins", "nope"]) == 2
 
@@ -183,6 +142,14 @@ def test_demo_with_an_unknown_plugin_fails_with_a_message(capsys) -> None:
     assert err.startswith("balancer demo: error: Invalid balancer configuration (1 error):\n")
     assert "  - plugins.0.name: Unknown plugin `nope`. Available plugins: " in err
     assert "Traceback" not in err
+
+
+def test_demo_steps_must_be_positive(capsys) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["demo", "--steps", "0"])
+
+    assert excinfo.value.code == 2
+    assert "argument --steps: must be a positive integer, found 0" in capsys.readouterr().err
 
 
 # -- usage --------------------------------------------------------------------------------------
@@ -199,4 +166,4 @@ def test_help_lists_the_commands(capsys) -> None:
         main(["--help"])
 
     assert excinfo.value.code == 0
-    assert "{plugins,config-schema,demo}" in capsys.readouterr().out
+    assert "{plugins,config-schema,demo,report}" in capsys.readouterr().out
