@@ -1,0 +1,234 @@
+"""The DeepSpeed backend: this rank's owned share of every group gradient, one row per group.
+
+Mechanism and usage: :mod:`balancer.integrations.deepspeed`. Where DeepSpeed keeps the reduced
+gradient for each stage: :mod:`._deepspeed_sources`. Row layout: :mod:`._deepspeed_rows`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from balancer.backend import Backend
+from balancer.errors import BalancerError, CaptureError
+
+from ._agreement import RankAgreement
+from ._deepspeed_checkpoints import wrap_checkpoints
+from ._deepspeed_checks import check_supported
+from ._deepspeed_rows import GroupRows
+from ._deepspeed_sources import GradientSource, make_source
+
+if TYPE_CHECKING:
+    from balancer import Balancer
+
+__all__ = ["DeepSpeedBackend"]
+
+_MIN_CHUNK = 1 << 16  # columns combined at a time: at least this many,
+_MAX_CHUNKS = 64  # and few enough stretches that the Python loop stays short
+
+
+class DeepSpeedBackend(Backend):
+    """Group gradients of a ``DeepSpeedEngine``: this rank's owned share, one row per group."""
+
+    def __init__(self, engine: Any) -> None:
+        check_supported(engine)
+        self.engine = engine
+        self.source: GradientSource = make_source(engine)
+        group = self.source.group
+        self._comm_device = torch.device("cpu") if dist.get_backend(group) == "gloo" else self.source.device
+        self._world = dist.get_world_size(group)
+        self._agreement = RankAgreement(group, self._comm_device)
+        self._chunk = max(_MIN_CHUNK, -(-self.source.numel // _MAX_CHUNKS))
+        self._rows = GroupRows(self.source.numel, self.source.dtype, self.source.device)  # row i: self._names[i]
+        self._base: Tensor | None = None  # ungrouped gradient
+        self._base_used = False
+        self._names: list[str] = []
+        self._fresh: set[int] = set()  # rows entered but not written yet
+        self._active: int | None = None
+        self._agreed_step = False
+        self._stepping = False
+        self.balancer: Balancer | None = None  # set by bind_checkpoints()
+        _install(engine, self)
+        engine.set_gradient_accumulation_boundary(True)
+
+    # -- queries ---------------------------------------------------------------------------
+    @property
+    def optimizer(self) -> Any:
+        return self.engine.optimizer
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._names)
+
+    @property
+    def active(self) -> str | None:
+        return None if self._active is None else self._names[self._active]
+
+    @property
+    def pending(self) -> bool:
+        """Whether gradients were captured since the last step (grouped or ungrouped)."""
+        return bool(self._names) or self._base_used
+
+    @property
+    def stats_device(self) -> torch.device:
+        return self.source.device
+
+    def extra_bytes(self) -> int:
+        base = 0 if self._base is None else self._base.numel() * self._base.element_size()
+        return self._rows.nbytes + base
+
+    # -- capture ---------------------------------------------------------------------------
+    def enter(self, name: str) -> None:
+        self._agreement.check(f"enter group {name!r}")
+        self.engine.set_gradient_accumulation_boundary(True)
+        if name in self._names:
+            self._active = self._names.index(name)
+            return
+        if not self._names:
+            self._rows.begin_step()
+        self._fresh.add(len(self._names))  # written by its first capture (copy, not add): no zeroing pass
+        self._names.append(name)
+        self._active = len(self._names) - 1
+
+    def exit(self) -> None:
+        if self._active is None:
+            raise CaptureError("exit() without a matching enter().")
+        self._active = None
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        """Called after each DeepSpeed reduction: moves the reduced owned gradient into its row."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise CaptureError(
+                "engine.backward ran without a gradient accumulation boundary, so its gradient was not reduced "
+                "across ranks. Do not call engine.set_gradient_accumulation_boundary(False) with a Balancer."
+            )
+        if self._active is not None:
+            target, fresh = self._rows.row(self._active), self._active in self._fresh
+            self._fresh.discard(self._active)
+        else:
+            if self._base is None:
+                self._base = torch.empty(self.source.numel, dtype=self.source.dtype, device=self.source.device)
+            target, fresh = self._base, not self._base_used
+            self._base_used = True
+        self.source.read_into(target, accumulate=not fresh)
+        self.source.clear()
+
+    # -- statistics ------------------------------------------------------------------------
+    def _agree_step(self) -> None:
+        if not self._agreed_step:
+            self._agreement.check(f"step() with groups {self._names}")
+            self._agreed_step = True
+
+    def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
+        moved = tensor.to(self._comm_device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=self.source.group)
+        return moved.to(tensor.device)
+
+    def _settle(self) -> None:
+        """Rows of groups entered without any backward pass hold zeros."""
+        for i in self._fresh:
+            self._rows.row(i).zero_()
+        self._fresh.clear()
+
+    @torch.no_grad()
+    def gram(self) -> Tensor:
+        self._agree_step()
+        self._settle()
+        return self._all_reduce_sum(self._rows.gram(len(self._names)).to(torch.float64))
+
+    def reduce_losses(self, losses: Tensor) -> Tensor:
+        return self._all_reduce_sum(losses) / self._world
+
+    # -- combination -----------------------------------------------------------------------
+    def expose_ungrouped(self, poison: Tensor | None = None) -> None:
+        """Nothing to do: DeepSpeed does its own mixed precision; a ``GradScaler`` is not used with it."""
+
+    @torch.no_grad()
+    def drop(self, rows: Sequence[int]) -> None:
+        for r in rows:
+            self._rows.row(r).zero_()
+
+    @torch.no_grad()
+    def combine(self, weights: Tensor, *, scale: float = 1.0) -> None:
+        self._agree_step()  # ranks without groups never called gram(): agree here instead
+        self._settle()
+        base = self._base if self._base_used else None
+        w = weights.to(device=self.source.device, dtype=torch.float32)
+
+        def fill(out: Tensor, start: int, stop: int) -> None:
+            for lo in range(start, stop, self._chunk):
+                hi = min(stop, lo + self._chunk)
+                dst = out[lo - start : hi - start]
+                acc = dst if dst.dtype == torch.float32 else torch.empty(hi - lo, device=dst.device)
+                if base is not None:
+                    acc.copy_(base[lo:hi])
+                self._rows.combination(acc, lo, hi, w, accumulate=base is not None)
+                if scale != 1.0:
+                    acc.mul_(scale)
+                if acc is not dst:
+                    dst.copy_(acc)
+
+        self.source.write(fill)
+
+    def optimizer_step(self, closure: Callable[[], Any] | None = None) -> Any:
+        if closure is not None:
+            raise BalancerError(
+                "opt.step(closure): a DeepSpeed engine steps without a closure. Run the forward and backward "
+                "passes before opt.step() and call it with no argument."
+            )
+        self._stepping = True
+        try:
+            self.engine.step()
+        finally:
+            self._stepping = False
+        self.engine.set_gradient_accumulation_boundary(True)
+        return None
+
+    def end_step(self) -> None:
+        self._names = []
+        self._fresh.clear()
+        self._active = None
+        self._base_used = False
+        self._agreed_step = False
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool) -> None:
+        self.end_step()
+        self.source.clear()
+
+
+def _install(engine: Any, backend: DeepSpeedBackend) -> None:
+    """Points ``engine`` at ``backend`` and, once per engine, wraps on that instance (the class and other
+    engines are untouched): ``_backward_epilogue`` (capture after each reduction), ``step`` (refused
+    while groups are pending: ``opt.step()`` must combine them first) and the checkpoint methods."""
+    engine.__dict__["_balancer_backend"] = weakref.ref(backend)
+    if "_backward_epilogue" in engine.__dict__:
+        return
+    epilogue = engine._backward_epilogue
+
+    def backward_epilogue() -> None:
+        epilogue()
+        current = engine.__dict__["_balancer_backend"]()
+        if current is not None:
+            current.capture()
+
+    step = engine.step
+
+    def guarded_step(*args: Any, **kwargs: Any) -> Any:
+        current = engine.__dict__["_balancer_backend"]()
+        if current is not None and current.pending and not current._stepping:
+            raise CaptureError(
+                f"engine.step() called with gradients captured by the Balancer pending (groups {list(current.names)}"
+                f"{', and ungrouped' if current._base_used else ''}): they are not combined yet. Call opt.step() "
+                "instead; it combines them, then calls engine.step() itself."
+            )
+        return step(*args, **kwargs)
+
+    engine.__dict__.update(_backward_epilogue=backward_epilogue, step=guarded_step)
+    wrap_checkpoints(engine)
