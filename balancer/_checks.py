@@ -31,12 +31,8 @@ def check_loss(name: str, loss: Any) -> None:
         )
 
 
-def _optimizer_param_ids(optimizer: torch.optim.Optimizer) -> set[int]:
-    return {id(p) for group in optimizer.param_groups for p in group["params"]}
-
-
-def check_model_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    known = _optimizer_param_ids(optimizer)
+def check_model_params(model: torch.nn.Module, trained: Iterable[Tensor]) -> None:
+    known = {id(p) for p in trained}
     missing = [name for name, p in model.named_parameters() if p.requires_grad and id(p) not in known]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
@@ -47,9 +43,9 @@ def check_model_params(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
         )
 
 
-def check_graph_leaves(losses: Iterable[Tensor], optimizer: torch.optim.Optimizer) -> None:
+def check_graph_leaves(losses: Iterable[Tensor], trained: Iterable[Tensor]) -> None:
     """Walks the autograd graphs once and refuses leaves that require grad but are not optimized."""
-    known = _optimizer_param_ids(optimizer)
+    known = {id(p) for p in trained}
     seen: set[int] = set()
     stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
     foreign: list[tuple[int, ...]] = []

@@ -40,6 +40,17 @@ class Backend(abc.ABC):
         """The optimizer whose ``param_groups``, ``state``, ``defaults``, ``state_dict`` and
         ``load_state_dict`` the Balancer forwards (for DeepSpeed: the engine's optimizer)."""
 
+    def attach(self, balancer: Any) -> None:
+        """Called once by the :class:`~balancer.Balancer` that drives this backend."""
+
+    def trained_parameters(self) -> list[Tensor]:
+        """The model parameters whose gradients are captured (for input checks)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def backward(self, loss: Tensor, retain_graph: bool | None = None) -> None:
+        """Runs one backward pass of ``loss`` (a framework may need its own, e.g. ``engine.backward``)."""
+        loss.backward(retain_graph=retain_graph)
+
     def optimizer_step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Applies the combined gradient: ``optimizer.step(closure)`` unless the framework steps itself."""
         return self.optimizer.step() if closure is None else self.optimizer.step(closure)

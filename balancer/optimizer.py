@@ -103,7 +103,7 @@ class Balancer(torch.optim.Optimizer):
         self._backend: Backend = backend if backend is not None else _select_backend(inner, registry)
         self._inner = self._backend.optimizer
         if model is not None:
-            check_model_params(model, self._inner)
+            check_model_params(model, self._backend.trained_parameters())
         self._plugin_states: dict[str, State] = {p.name: p.init() for p in self._plugins}
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self.last_stats: GroupStats | None = None
@@ -113,6 +113,7 @@ class Balancer(torch.optim.Optimizer):
         self._graph_checked = False
         self._early_gram: Tensor | None = None
         self._init_optimizer_machinery()
+        self._backend.attach(self)
 
     @classmethod
     def from_config(
@@ -220,13 +221,13 @@ class Balancer(torch.optim.Optimizer):
             check_group_name(name)
             check_loss(name, loss)
         if not self._graph_checked:
-            check_graph_leaves(losses.values(), self._inner)
+            check_graph_leaves(losses.values(), self._backend.trained_parameters())
             self._graph_checked = True
         items = list(losses.items())
         for i, (name, loss) in enumerate(items):
             with self.group(name):
                 keep = True if i < len(items) - 1 else retain_graph
-                loss.backward(retain_graph=keep)
+                self._backend.backward(loss, retain_graph=keep)
             value = loss.detach().reshape(()).to(torch.float64)
             self._losses[name] = self._losses[name] + value if name in self._losses else value
 
@@ -320,7 +321,7 @@ class Balancer(torch.optim.Optimizer):
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
         sd = self._inner.state_dict()
-        sd["balancer"] = make_balancer_section(self._plugins, self._plugin_states, self._step_count)
+        sd["balancer"] = self.balancer_state_dict()
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, sd)
             if result is not None:
@@ -333,13 +334,23 @@ class Balancer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        section = state_dict.get("balancer")
-        states, step = load_balancer_section(section, self._plugins, self._backend.stats_device)
+        states, step = load_balancer_section(state_dict.get("balancer"), self._plugins, self._backend.stats_device)
         self._inner.load_state_dict({k: v for k, v in state_dict.items() if k != "balancer"})
         self._plugin_states.update(states)
         self._step_count = step
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+    def balancer_state_dict(self) -> dict[str, Any]:
+        """The Balancer's own section alone (plugin names, versions, states, step count), for
+        checkpoint formats that store the optimizer elsewhere (DeepSpeed's client state)."""
+        return make_balancer_section(self._plugins, self._plugin_states, self._step_count)
+
+    def load_balancer_state_dict(self, section: dict[str, Any] | None) -> None:
+        """Restores a :meth:`balancer_state_dict`; the plugin list must match the saved one."""
+        states, step = load_balancer_section(section, self._plugins, self._backend.stats_device)
+        self._plugin_states.update(states)
+        self._step_count = step
 
     # -- pickling, printing ------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

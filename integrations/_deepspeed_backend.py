@@ -52,9 +52,18 @@ class DeepSpeedBackend(Backend):
         self._active: int | None = None
         self._agreed_step = False
         self._stepping = False
-        self.balancer: Balancer | None = None  # set by bind_checkpoints()
+        self.balancer: Balancer | None = None  # set by attach()
         _install(engine, self)
         engine.set_gradient_accumulation_boundary(True)
+
+    def attach(self, balancer: Balancer) -> None:
+        self.balancer = balancer  # the engine's checkpoint methods carry its state
+
+    def trained_parameters(self) -> list[Tensor]:
+        return [p for p in self.engine.module.parameters() if p.requires_grad]
+
+    def backward(self, loss: Tensor, retain_graph: bool | None = None) -> None:
+        self.engine.backward(loss, retain_graph=bool(retain_graph))
 
     # -- queries ---------------------------------------------------------------------------
     @property

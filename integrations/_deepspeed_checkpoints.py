@@ -4,7 +4,7 @@
 instance. Saving adds ``client_state["balancer"]`` (the section of
 :func:`balancer._state.make_balancer_section`; DeepSpeed writes it once, in the model-states
 file); loading takes it out again and restores it into the Balancer. Both need the Balancer the
-engine's backend belongs to, which :func:`balancer.integrations.deepspeed.bind_checkpoints` sets.
+engine's backend belongs to, which the Balancer announces to its backend (``Backend.attach``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import inspect
 from typing import TYPE_CHECKING, Any
 
-from balancer._state import load_balancer_section, make_balancer_section
 from balancer.errors import StateDictError
 
 if TYPE_CHECKING:
@@ -32,9 +31,9 @@ def wrap_checkpoints(engine: Any) -> None:
         backend = engine.__dict__["_balancer_backend"]()
         if backend is None or backend.balancer is None:
             raise StateDictError(
-                "engine.save_checkpoint/load_checkpoint cannot include the Balancer's plugin state: the engine does "
-                "not know its Balancer. Build both with balancer.integrations.deepspeed.initialize(...), or call "
-                "balancer.integrations.deepspeed.bind_checkpoints(opt) after Balancer(engine, ...)."
+                "engine.save_checkpoint/load_checkpoint cannot include the Balancer's plugin state: no Balancer "
+                "drives this engine yet. Build it with Balancer(engine, ...) or "
+                "balancer.integrations.deepspeed.initialize(...) first."
             )
         return backend.balancer
 
@@ -45,7 +44,7 @@ def wrap_checkpoints(engine: Any) -> None:
                 f"client_state has a key {CLIENT_STATE_KEY!r}, which the Balancer uses for its own state; rename it."
             )
         opt = bound()
-        state[CLIENT_STATE_KEY] = make_balancer_section(opt.plugins, dict(opt.plugin_states), opt._step_count)
+        state[CLIENT_STATE_KEY] = opt.balancer_state_dict()
         return save(save_dir, tag, state, *args, **kwargs)
 
     def load_checkpoint(load_dir: str, *args: Any, **kwargs: Any):
@@ -57,9 +56,7 @@ def wrap_checkpoints(engine: Any) -> None:
             return load_path, client_state
         section = client_state.pop(CLIENT_STATE_KEY, None)
         if opt is not None:
-            states, step = load_balancer_section(section, opt.plugins, opt.backend.stats_device)
-            opt._plugin_states.update(states)
-            opt._step_count = step
+            opt.load_balancer_state_dict(section)
         return load_path, client_state
 
     engine.__dict__.update(save_checkpoint=save_checkpoint, load_checkpoint=load_checkpoint)

@@ -4,7 +4,7 @@ Needs the ``deepspeed`` extra (``pip install 'gradient-balancer[deepspeed]'``). 
 
     engine, opt, _, _ = balancer.integrations.deepspeed.initialize(model=model, optimizer=adamw,
                                                                    config="ds.json")  # has "balancer"
-    opt = bind_checkpoints(Balancer(engine, plugins=["task_norm"]))   # by hand, on an engine you built
+    opt = Balancer(engine, plugins=["task_norm"])                     # by hand, on an engine you built
 
     for batch in loader:
         for name, part in batch.items():
@@ -34,20 +34,20 @@ torch-style ``loss.backward()`` where DeepSpeed allows it (ZeRO 1-3; not with re
 activation checkpointing, whose per-phase epilogues would be counted twice).
 ``gradient_accumulation_steps`` must be 1: several backward passes inside one group block (or
 re-entering a group) add up in that group. Call ``opt.step()``, never ``engine.step()`` while
-gradients are captured (refused with a :class:`~balancer.errors.CaptureError`). Not for
-DeepSpeed: ``Balancer(engine, model=...)``, ``opt.backward({...})`` (the engine's optimizer
-holds flat partitions, not the model's parameters, and DeepSpeed needs ``engine.backward``),
-``opt.state_dict()`` for checkpoints (use the engine's, below), closures. Supported and refused
-configurations: :mod:`._deepspeed_checks`.
+gradients are captured (refused with a :class:`~balancer.errors.CaptureError`).
+``opt.backward({name: loss})`` runs ``engine.backward`` per group (losses from separate
+``engine(...)`` forwards; ZeRO-3 cannot backward twice through one forward), and ``model=`` is
+checked against the engine's module. Not for DeepSpeed: ``opt.state_dict()`` for checkpoints
+(use the engine's, below) and closures. Supported and refused configurations:
+:mod:`._deepspeed_checks`.
 
 **Checkpoints.** ``engine.save_checkpoint(dir, ...)`` stores the Balancer's plugin states and step
 count in DeepSpeed's ``client_state`` under the key ``"balancer"``; ``engine.load_checkpoint(dir,
 ...)`` restores them (unless ``load_optimizer_states=False`` or ``load_module_only=True``) and
 returns the client state without that key. The backend wraps both methods on the engine
-instance (:mod:`._deepspeed_checkpoints`); they need to know the Balancer, which
-:func:`initialize` tells them. A Balancer built by hand is introduced with
-:func:`bind_checkpoints`; until then ``engine.save_checkpoint`` refuses with an error saying so
-rather than silently dropping the plugin state.
+instance (:mod:`._deepspeed_checkpoints`); the Balancer announces itself to its backend when it
+is built (``Backend.attach``). Before any Balancer drives the engine, ``engine.save_checkpoint``
+refuses with an error saying so rather than silently dropping the plugin state.
 """
 
 from __future__ import annotations
@@ -65,23 +65,9 @@ from ._deepspeed_backend import DeepSpeedBackend
 from ._deepspeed_checkpoints import CLIENT_STATE_KEY
 from ._deepspeed_checks import DeepSpeedUnsupportedError
 
-__all__ = ["CLIENT_STATE_KEY", "DeepSpeedBackend", "DeepSpeedUnsupportedError", "bind_checkpoints", "initialize"]
+__all__ = ["CLIENT_STATE_KEY", "DeepSpeedBackend", "DeepSpeedUnsupportedError", "initialize"]
 
 SECTION = "balancer"  # the top-level key of the DeepSpeed config that configures the Balancer
-
-
-def bind_checkpoints(opt: Balancer) -> Balancer:
-    """Makes ``engine.save_checkpoint`` / ``load_checkpoint`` carry ``opt``'s plugin states and step count.
-
-    :func:`initialize` does this itself; call it after ``Balancer(engine, ...)``. Returns ``opt``.
-    """
-    backend = opt.backend
-    if not isinstance(backend, DeepSpeedBackend):
-        raise TypeError(
-            f"bind_checkpoints() takes a Balancer built on a DeepSpeed engine; its backend is `{type(backend).__name__}`."
-        )
-    backend.balancer = opt
-    return opt
 
 
 def _ds_config(arguments: dict[str, Any]) -> tuple[dict[str, Any], str]:
@@ -116,7 +102,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Balancer, Any, Any]:
     engine is built), then removed from the config DeepSpeed sees: DeepSpeed 0.19 ignores unknown
     top-level keys, but it prints its config as JSON on rank 0, and a dict may hold plugin
     instances. Returns ``(engine, balancer, dataloader, lr_scheduler)``; the engine's checkpoint
-    methods carry the Balancer's state (:func:`bind_checkpoints`).
+    methods carry the Balancer's state.
     """
     import deepspeed  # type: ignore[import-untyped]
 
@@ -140,4 +126,4 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Balancer, Any, Any]:
     arguments["config"] = stripped
     engine, _, dataloader, lr_scheduler = deepspeed.initialize(**arguments)
     opt = Balancer(engine, plugins, on_nonfinite=cfg.on_nonfinite)
-    return engine, bind_checkpoints(opt), dataloader, lr_scheduler
+    return engine, opt, dataloader, lr_scheduler
