@@ -55,15 +55,19 @@ class Backend(abc.ABC):
         """Applies the combined gradient: ``optimizer.step(closure)`` unless the framework steps itself."""
         return self.optimizer.step() if closure is None else self.optimizer.step(closure)
 
-    @property
-    @abc.abstractmethod
-    def names(self) -> tuple[str, ...]:
-        """Groups that have been entered since the last ``end_step``, in first-entry order."""
+    def __init__(self) -> None:
+        self._names: list[str] = []  # groups of this step, in first-entry order; row i is _names[i]
+        self._active: int | None = None  # row being captured
 
     @property
-    @abc.abstractmethod
+    def names(self) -> tuple[str, ...]:
+        """Groups that have been entered since the last ``end_step``, in first-entry order."""
+        return tuple(self._names)
+
+    @property
     def active(self) -> str | None:
         """The group currently being captured, or ``None``."""
+        return None if self._active is None else self._names[self._active]
 
     @property
     @abc.abstractmethod

@@ -31,23 +31,14 @@ class LocalBackend(Backend):
     kind: type[TensorKind] = TensorKind
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__()
         self._optimizer = optimizer
         self._buffers: list[FlatBuffer] = []
         self._layout: tuple[int, ...] = ()
-        self._names: list[str] = []
-        self._active: int | None = None
         self._fresh = False
         self._poison: tuple[Tensor, Tensor] | None = None
 
     # -- queries ---------------------------------------------------------------------------
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._names)
-
-    @property
-    def active(self) -> str | None:
-        return None if self._active is None else self._names[self._active]
-
     @property
     def buffers(self) -> tuple[FlatBuffer, ...]:
         return tuple(self._buffers)

@@ -36,6 +36,7 @@ class DeepSpeedBackend(Backend):
     """Group gradients of a ``DeepSpeedEngine``: this rank's owned share, one row per group."""
 
     def __init__(self, engine: Any) -> None:
+        super().__init__()
         check_supported(engine)
         self.engine = engine
         self.source: GradientSource = make_source(engine)
@@ -47,9 +48,7 @@ class DeepSpeedBackend(Backend):
         self._rows = GroupRows(self.source.numel, self.source.dtype, self.source.device)  # row i: self._names[i]
         self._base: Tensor | None = None  # ungrouped gradient
         self._base_used = False
-        self._names: list[str] = []
         self._fresh: set[int] = set()  # rows entered but not written yet
-        self._active: int | None = None
         self._agreed_step = False
         self._stepping = False
         self.balancer: Balancer | None = None  # set by attach()
@@ -69,14 +68,6 @@ class DeepSpeedBackend(Backend):
     @property
     def optimizer(self) -> Any:
         return self.engine.optimizer
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        return tuple(self._names)
-
-    @property
-    def active(self) -> str | None:
-        return None if self._active is None else self._names[self._active]
 
     @property
     def pending(self) -> bool:
