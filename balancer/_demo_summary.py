@@ -165,7 +165,8 @@ def format_run(summary: RunSummary) -> str:
     )
     lines.append(
         "rank correlation of |g|^2 with the next window's learning gain: "
-        f"{_num(summary.gain_rank_correlation, '+.2f')}; with mean |A|: {_num(summary.advantage_rank_correlation, '+.2f')}"
+        f"{_num(summary.gain_rank_correlation, '+.2f')}; "
+        f"with mean |A|: {_num(summary.advantage_rank_correlation, '+.2f')}"
     )
     return "\n".join(lines)
 

@@ -45,9 +45,9 @@ def load_balancer_section(
             )
         return {}, 0
     if not isinstance(section, dict) or section.get("format") != FORMAT_VERSION:
+        found = section.get("format") if isinstance(section, dict) else section
         raise StateDictError(
-            f"Unsupported 'balancer' state dict section (format {section.get('format') if isinstance(section, dict) else section!r}); "
-            f"this version reads format {FORMAT_VERSION}."
+            f"Unsupported 'balancer' state dict section (format {found!r}); this version reads format {FORMAT_VERSION}."
         )
     saved = {entry["name"]: entry["version"] for entry in section["plugins"]}
     current = {p.name: p.version for p in plugins}

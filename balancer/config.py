@@ -193,7 +193,9 @@ def build_plugins(entries: Iterable[Any], registry: Registry | None = None, *, p
     names = [p.name for p in plugins]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        errors.append((f"{prefix}plugins", f"plugin names must be unique (state is keyed by name); repeated: {duplicates}"))
+        errors.append(
+            (f"{prefix}plugins", f"plugin names must be unique (state is keyed by name); repeated: {duplicates}")
+        )
     if errors:
         raise ConfigError(errors)
     return plugins

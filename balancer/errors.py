@@ -36,8 +36,7 @@ class ConfigError(BalancerError, ValueError):
         lines = [f"  - {path or '<root>'}: {message}" for path, message in self.errors]
         count = len(self.errors)
         super().__init__(
-            f"Invalid balancer configuration ({count} error{'s' if count != 1 else ''}):\n"
-            + "\n".join(lines)
+            f"Invalid balancer configuration ({count} error{'s' if count != 1 else ''}):\n" + "\n".join(lines)
         )
 
 

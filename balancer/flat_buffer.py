@@ -213,7 +213,9 @@ class FlatBuffer:
         parts = [(start, block[:, columns]) for start, block in self.row_blocks(m)]
         if len(parts) == 1:
             return gram_of(parts[0][1])
-        out = torch.empty((m, m), dtype=torch.float32 if self.dtype in _LOW_PRECISION else self.dtype, device=self.device)
+        out = torch.empty(
+            (m, m), dtype=torch.float32 if self.dtype in _LOW_PRECISION else self.dtype, device=self.device
+        )
         for si, bi in parts:
             for sj, bj in parts:
                 out[si : si + bi.shape[0], sj : sj + bj.shape[0]] = gram_of(bi, bj)

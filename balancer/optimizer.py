@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from ._checks import check_graph_leaves, check_group_name, check_loss, check_model_params
-from ._weighting import Verdict, read_verdict, run_plugins
 from ._state import load_balancer_section, make_balancer_section
+from ._weighting import Verdict, read_verdict, run_plugins
 from .backend import Backend
 from .config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_config
 from .errors import CaptureError, NonFiniteGradientError, NonFiniteGradientWarning

@@ -61,8 +61,7 @@ def _check_plugin_class(obj: Any) -> type[Plugin]:
     name = getattr(obj, "name", None)
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise TypeError(
-            f"Plugin class `{obj.__qualname__}` must set `name` to an identifier-like string. "
-            f"Found `name = {name!r}`."
+            f"Plugin class `{obj.__qualname__}` must set `name` to an identifier-like string. Found `name = {name!r}`."
         )
     if not (isinstance(obj.Options, type) and issubclass(obj.Options, PluginOptions)):
         raise TypeError(f"Plugin `{name}`: `Options` must subclass balancer.PluginOptions.")

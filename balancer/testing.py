@@ -33,7 +33,9 @@ __all__ = ["check_plugin", "random_stats"]
 def random_stats(k: int, *, seed: int = 0, scale: float = 1.0, dim: int = 16, step: int = 0) -> GroupStats:
     """Stats of ``k`` random group gradients in ``dim`` dimensions with norms around ``scale``."""
     gen = torch.Generator().manual_seed(seed)
-    grads = torch.randn(k, dim, generator=gen, dtype=torch.float64) * torch.rand(k, 1, generator=gen, dtype=torch.float64).add(0.5)
+    grads = torch.randn(k, dim, generator=gen, dtype=torch.float64) * torch.rand(
+        k, 1, generator=gen, dtype=torch.float64
+    ).add(0.5)
     gram = (grads @ grads.T) * (scale * scale)
     losses = torch.rand(k, generator=gen, dtype=torch.float64) + 0.1
     return GroupStats.from_gram(gram, [f"group{i}" for i in range(k)], losses=losses, step=step)
@@ -78,8 +80,11 @@ def _snapshot(value: Any) -> Any:
 
 def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, Tensor) or isinstance(b, Tensor):
-        return isinstance(a, Tensor) and isinstance(b, Tensor) and a.shape == b.shape and torch.equal(
-            torch.nan_to_num(a.cpu(), nan=1.2345e-7), torch.nan_to_num(b.cpu(), nan=1.2345e-7)
+        return (
+            isinstance(a, Tensor)
+            and isinstance(b, Tensor)
+            and a.shape == b.shape
+            and torch.equal(torch.nan_to_num(a.cpu(), nan=1.2345e-7), torch.nan_to_num(b.cpu(), nan=1.2345e-7))
         )
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)

@@ -286,7 +286,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"target: ratio balancer/baseline <= {TIME_TARGET}x; capture = extra forward+backward time,")
     print("balance = opt.step() minus the inner AdamW step")
     print(
-        f"{'k':>3}  {'run':<10} {'baseline':>9} {'balancer':>9} {'ratio':>7} {'capture ms':>10} {'balance':>9}   verdict"
+        f"{'k':>3}  {'run':<10} {'baseline':>9} {'balancer':>9} {'ratio':>7} {'capture ms':>10} "
+        f"{'balance':>9}   verdict"
     )
     for k in cfg.groups:
         print_time_rows(k, time_runs(cfg, k))

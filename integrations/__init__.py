@@ -17,7 +17,9 @@ from balancer.backend import Backend
 
 
 def _is_deepspeed_engine(target: Any) -> bool:
-    return any(cls.__name__ == "DeepSpeedEngine" and cls.__module__.startswith("deepspeed") for cls in type(target).__mro__)
+    return any(
+        cls.__name__ == "DeepSpeedEngine" and cls.__module__.startswith("deepspeed") for cls in type(target).__mro__
+    )
 
 
 def _data_parallel() -> bool:

@@ -243,7 +243,7 @@ class Bf16OptimizerSource(GradientSource):
                 )
 
     def segments(self) -> Iterator[tuple[int, Tensor]]:
-        return zip(self.offsets, self.opt.fp32_groups_gradient_flat_partition, strict=False)
+        return zip(self.offsets[:-1], self.opt.fp32_groups_gradient_flat_partition, strict=True)
 
     @torch.no_grad()
     def clear(self) -> None:
@@ -251,8 +251,7 @@ class Bf16OptimizerSource(GradientSource):
 
     @torch.no_grad()
     def write(self, fill: Fill) -> None:
-        pairs = zip(self.offsets, self.opt.fp32_groups_gradients_flat, self.opt.fp32_groups_gradient_flat_partition)
-        for start, flat, part in pairs:
+        for start, part in self.segments():
             fill(part, start, start + part.numel())
             dist.all_gather_into_tensor(flat, part.clone(), group=self.group)
         for flags in self.opt.fp32_groups_has_gradients:

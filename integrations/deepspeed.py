@@ -113,7 +113,8 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Balancer, Any, Any]:
             [
                 (
                     SECTION,
-                    f'missing from the DeepSpeed config (from {where}); add e.g. {{"{SECTION}": {{"plugins": ["task_norm"]}}}}',
+                    f"missing from the DeepSpeed config (from {where}); "
+                    f'add e.g. {{"{SECTION}": {{"plugins": ["task_norm"]}}}}',
                 )
             ]
         )

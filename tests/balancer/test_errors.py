@@ -164,6 +164,7 @@ def test_nonfinite_group_raises_when_asked(model, batches, group_loss):
 
 def test_mixed_dtypes_get_one_buffer_each_and_stay_exact(group_loss):
     torch.manual_seed(0)
+
     def build():
         torch.manual_seed(0)
         return torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 2).double())

@@ -12,16 +12,20 @@ from balancer import Balancer, Plugin
 
 def _flat_grads(model, loss):
     grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True, retain_graph=True)
-    return torch.cat([
-        (g if g is not None else torch.zeros_like(p)).reshape(-1).double()
-        for g, p in zip(grads, model.parameters(), strict=True)
-    ])
+    return torch.cat(
+        [
+            (g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+            for g, p in zip(grads, model.parameters(), strict=True)
+        ]
+    )
 
 
 def test_first_capture_hands_over_the_gradient_and_later_captures_accumulate_in_place(model, batches, group_loss):
     opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
     loss = group_loss(model, batches["g0"])
-    expected = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)])
+    expected = torch.cat(
+        [g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)]
+    )
     with opt.group("g0"):
         loss.backward(retain_graph=True)
     buf = opt.backend.buffers[0]
@@ -49,9 +53,9 @@ def test_micro_batches_accumulate_in_the_group_row(make_model, batches, group_lo
     for part in range(2):  # two micro-batches of the same group, in separate blocks
         with opt.group("a"):
             torch.nn.functional.mse_loss(model(x[part * 4 : part * 4 + 4]), y[part * 4 : part * 4 + 4]).backward()
-    expected = _flat_grads(model, sum(
-        torch.nn.functional.mse_loss(model(x[i * 4 : i * 4 + 4]), y[i * 4 : i * 4 + 4]) for i in range(2)
-    ))
+    expected = _flat_grads(
+        model, sum(torch.nn.functional.mse_loss(model(x[i * 4 : i * 4 + 4]), y[i * 4 : i * 4 + 4]) for i in range(2))
+    )
     torch.testing.assert_close(opt.backend.gram()[0, 0], expected.dot(expected), rtol=1e-12, atol=0)
 
 

@@ -129,7 +129,10 @@ def load_message(dist: str, version: str, entry_point: str, error: str) -> str:
 def test_task_norm_comes_through_the_projects_own_entry_point() -> None:
     entry_points = importlib.metadata.entry_points(group="balancer")
     own = [ep for ep in entry_points if ep.dist is not None and ep.dist.metadata["Name"] == OWN]
-    assert sorted((ep.name, ep.value) for ep in own) == [("builtin", "balancer.plugins"), ("integrations", "balancer.integrations")]
+    assert sorted((ep.name, ep.value) for ep in own) == [
+        ("builtin", "balancer.plugins"),
+        ("integrations", "balancer.integrations"),
+    ]
 
     info = Registry().get("task_norm")
 

@@ -110,7 +110,9 @@ def test_different_plugin_list_names_missing_and_extra(make_model, make_batches,
     _, saved = _trained(make_model, make_batches, group_loss, ["task_norm"])
     model = make_model()
     other = Balancer(torch.optim.Adam(model.parameters(), lr=1e-2), plugins=[_Other()])
-    with pytest.raises(StateDictError, match=r"Missing from the checkpoint.*\['other'\].*extra in the checkpoint.*\['task_norm'\]"):
+    with pytest.raises(
+        StateDictError, match=r"Missing from the checkpoint.*\['other'\].*extra in the checkpoint.*\['task_norm'\]"
+    ):
         other.load_state_dict(saved.state_dict())
 
 
