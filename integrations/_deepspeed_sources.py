@@ -251,7 +251,8 @@ class Bf16OptimizerSource(GradientSource):
 
     @torch.no_grad()
     def write(self, fill: Fill) -> None:
-        for start, part in self.segments():
+        flats = self.opt.fp32_groups_gradients_flat  # full, replicated; this rank owns `part` of each
+        for (start, part), flat in zip(self.segments(), flats, strict=True):
             fill(part, start, start + part.numel())
             dist.all_gather_into_tensor(flat, part.clone(), group=self.group)
         for flags in self.opt.fp32_groups_has_gradients:
