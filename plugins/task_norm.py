@@ -29,6 +29,9 @@ class TaskNormOptions(PluginOptions):
     beta: float = Field(0.0, ge=0.0, lt=1.0, description="EMA factor of per-group norms; 0 uses this step's norms.")
     target_beta: float = Field(0.9, ge=0.0, lt=1.0, description="EMA factor of the target when target='ema'.")
     eps: float = Field(1e-8, gt=0.0, lt=1.0, description="Norms below eps·target count as eps·target (caps weights).")
+    max_weight: float | None = Field(
+        None, gt=0.0, description="Upper bound on the factor task_norm applies to a group (None: only eps bounds it)."
+    )
 
 
 class TaskNorm(Plugin):
@@ -43,6 +46,8 @@ class TaskNorm(Plugin):
         w_k = 0                                        if ĉ_k = 0   (a zero gradient, never NaN)
 
     With ``alpha = 1`` and ``beta = 0`` every group's contribution ``‖w_k g_k‖`` equals ``T``.
+    ``max_weight`` caps the factor ``w_k / v_k``, so a group whose gradient has all but vanished
+    (a solved task) is not blown up to ``1/eps``.
 
     Example::
 
@@ -83,5 +88,7 @@ class TaskNorm(Plugin):
         denom = torch.maximum(contrib, opts.eps * target)
         safe = torch.where(positive, denom, 1.0)
         factor = torch.where(positive, (target / safe) ** opts.alpha, 0.0)
+        if opts.max_weight is not None:
+            factor = factor.clamp(max=opts.max_weight)
         new_state = {"ema_norms": ema_norms, "ema_target": ema_target, "updates": state["updates"] + 1}
         return weights * factor, new_state
