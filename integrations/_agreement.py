@@ -12,6 +12,7 @@ import zlib
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from balancer.errors import GroupMismatchError
 
@@ -22,6 +23,12 @@ class RankAgreement:
     def __init__(self, group: dist.ProcessGroup | None = None, device: torch.device | None = None) -> None:
         self.group = group
         self.device = device or torch.device("cpu")
+
+    def sum(self, tensor: Tensor) -> Tensor:
+        """``tensor`` summed over the ranks of the group (moved to the collective's device and back)."""
+        moved = tensor.to(self.device)
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=self.group)
+        return moved.to(tensor.device)
 
     def check(self, event: str) -> None:
         code = zlib.crc32(event.encode("utf-8"))

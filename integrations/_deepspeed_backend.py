@@ -41,9 +41,9 @@ class DeepSpeedBackend(Backend):
         self.engine = engine
         self.source: GradientSource = make_source(engine)
         group = self.source.group
-        self._comm_device = torch.device("cpu") if dist.get_backend(group) == "gloo" else self.source.device
         self._world = dist.get_world_size(group)
-        self._agreement = RankAgreement(group, self._comm_device)
+        comm_device = torch.device("cpu") if dist.get_backend(group) == "gloo" else self.source.device
+        self._agreement = RankAgreement(group, comm_device)
         self._chunk = max(_MIN_CHUNK, -(-self.source.numel // _MAX_CHUNKS))
         self._rows = GroupRows(self.source.numel, self.source.dtype, self.source.device)  # row i: self._names[i]
         self._base: Tensor | None = None  # ungrouped gradient
@@ -125,11 +125,6 @@ class DeepSpeedBackend(Backend):
             self._agreement.check(f"step() with groups {self._names}")
             self._agreed_step = True
 
-    def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        moved = tensor.to(self._comm_device)
-        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=self.source.group)
-        return moved.to(tensor.device)
-
     def _settle(self) -> None:
         """Rows of groups entered without any backward pass hold zeros."""
         for i in self._fresh:
@@ -140,10 +135,10 @@ class DeepSpeedBackend(Backend):
     def gram(self) -> Tensor:
         self._agree_step()
         self._settle()
-        return self._all_reduce_sum(self._rows.gram(len(self._names)).to(torch.float64))
+        return self._agreement.sum(self._rows.gram(len(self._names)).to(torch.float64))
 
     def reduce_losses(self, losses: Tensor) -> Tensor:
-        return self._all_reduce_sum(losses) / self._world
+        return self._agreement.sum(losses) / self._world
 
     # -- combination -----------------------------------------------------------------------
     def expose_ungrouped(self, poison: Tensor | None = None) -> None:

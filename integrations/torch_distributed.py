@@ -49,25 +49,18 @@ class _DistributedMixin(LocalBackend):
     """What DDP and FSDP2 share: rank agreement, reducing the Gram matrix and the losses."""
 
     def _setup(self, group: dist.ProcessGroup | None) -> None:
-        self._group = group
-        self._device = _collective_device(group)
         self._world = dist.get_world_size(group)
         self._rank = dist.get_rank(group)
-        self._agreement = RankAgreement(group, self._device)
+        self._agreement = RankAgreement(group, _collective_device(group))
 
     def _agree(self, event: str) -> None:
         self._agreement.check(event)
 
-    def _all_reduce_sum(self, tensor: Tensor) -> Tensor:
-        moved = tensor.to(self._device)
-        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=self._group)
-        return moved.to(tensor.device)
-
     def _reduce_gram(self, gram: Tensor) -> Tensor:
-        return self._all_reduce_sum(gram)
+        return self._agreement.sum(gram)
 
     def reduce_losses(self, losses: Tensor) -> Tensor:
-        return self._all_reduce_sum(losses) / self._world
+        return self._agreement.sum(losses) / self._world
 
 
 class ReplicatedBackend(_DistributedMixin):
@@ -95,7 +88,7 @@ class ReplicatedBackend(_DistributedMixin):
         local = sum(buf.gram(m).to(gram) for buf in self.buffers)
         scale = gram.diagonal().abs().max().clamp_min(torch.finfo(torch.float64).tiny)
         differs = ((local - gram).abs().max() > 1e-4 * scale) & torch.isfinite(gram).all()
-        flag = self._all_reduce_sum(differs.to(torch.float64).reshape(1))
+        flag = self._agreement.sum(differs.to(torch.float64).reshape(1))
         if flag.item() > 0:
             raise CaptureError(
                 "Group gradients differ across data-parallel ranks, so they were not averaged: wrap the model in "
