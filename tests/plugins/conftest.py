@@ -1,0 +1,38 @@
+"""Fixtures shared by the plugin tests: the anchor libraries, imported for comparison only."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import types
+
+import pytest
+
+
+def _load_libmtl_weighting() -> types.ModuleType:
+    """Imports ``LibMTL.weighting`` without ``LibMTL/__init__.py``, which needs torchvision.
+
+    The weighting subpackage itself only needs torch, numpy and scipy, so a bare package
+    object pointing at the installed folder is enough to import it.
+    """
+    spec = importlib.util.find_spec("LibMTL")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("LibMTL is not installed (`pip install --no-deps LibMTL==1.1.5`).")
+    if "LibMTL" not in sys.modules:
+        package = types.ModuleType("LibMTL")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["LibMTL"] = package
+    return importlib.import_module("LibMTL.weighting")
+
+
+@pytest.fixture(scope="session")
+def libmtl():
+    """The ``LibMTL.weighting`` module (LibMTL 1.1.5)."""
+    return _load_libmtl_weighting()
+
+
+@pytest.fixture(scope="session")
+def torchjd_aggregation():
+    """The ``torchjd.aggregation`` module (torchjd 0.18)."""
+    return pytest.importorskip("torchjd.aggregation")
