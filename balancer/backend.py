@@ -86,6 +86,16 @@ class Backend(abc.ABC):
     def gram(self) -> Tensor:
         """The exact global ``[k, k]`` float64 Gram matrix of the present groups."""
 
+    @property
+    def world_size(self) -> int:
+        """Number of data-parallel ranks whose statistics are reduced together (1 locally)."""
+        return 1
+
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        """``tensor`` reduced over the data-parallel ranks with ``op`` (``"sum"`` or ``"max"``);
+        the identity for one process. Every rank must call it at the same point."""
+        return tensor
+
     def reduce_losses(self, losses: Tensor) -> Tensor:
         """Averages per-group loss values across data-parallel ranks (identity for one process)."""
         return losses

@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -33,6 +33,7 @@ from .local import LocalBackend
 from .plugin import Plugin, State
 from .registry import Registry, default_registry
 from .stats import GroupStats
+from .taps import TapHub
 
 __all__ = ["Balancer"]
 
@@ -105,6 +106,7 @@ class Balancer(torch.optim.Optimizer):
         if model is not None:
             check_model_params(model, self._backend.trained_parameters())
         self._plugin_states: dict[str, State] = {p.name: p.init() for p in self._plugins}
+        self._taps = TapHub(self._plugins)
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self.last_stats: GroupStats | None = None
         self._step_count = 0
@@ -231,6 +233,25 @@ class Balancer(torch.optim.Optimizer):
             value = loss.detach().reshape(()).to(torch.float64)
             self._losses[name] = self._losses[name] + value if name in self._losses else value
 
+    def tap(self, tensor: Tensor, group: str | Sequence[str], labels: Tensor | None = None) -> Tensor:
+        """Returns ``tensor`` unchanged; its gradient is shown to the tap plugins (see :mod:`balancer.taps`).
+
+        Args:
+            tensor: rows along dimension 0 (e.g. ``[B]`` log-probabilities, ``[B, C]`` logits).
+            group: one group name for all rows, or one name per row.
+            labels: optional tensor with one entry per row (class labels, pair ids), passed on.
+
+        In the backward pass each tap plugin, in the user's order, may rescale the gradient
+        rows and accumulate statistics, which are summed over ranks and folded into its state
+        at ``step()``. Works inside and outside group blocks and across gradient accumulation.
+        Without tap plugins the tensor is returned as is.
+        """
+        return self._taps.tap(tensor, group, labels, lambda: self._plugin_states)
+
+    def plugin_metrics(self) -> dict[str, dict[str, Any]]:
+        """Each plugin's :meth:`~balancer.Plugin.metrics` of its current state, by plugin name."""
+        return {p.name: p.metrics(self._plugin_states[p.name]) for p in self._plugins}
+
     # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
@@ -251,14 +272,22 @@ class Balancer(torch.optim.Optimizer):
         device = self._backend.stats_device
         verdict = read_verdict(gram, found_inf, grad_scale, device)  # the first of at most two host syncs
         if verdict.overflow or (grad_scale is not None and any(verdict.nonfinite)):
+            self._taps.discard()
             return None  # AMP overflow: skip, plugin state untouched; the scaler backs off
+        states = self._taps.merge(self._plugin_states, self._backend)
         if gram is None:
             self._backend.combine(torch.zeros(0, dtype=torch.float64, device=device), scale=verdict.scale)
+            self._plugin_states = states
             return self._finish(closure, None)
-        return self._grouped_step(closure, names, gram * verdict.scale**2, verdict)
+        return self._grouped_step(closure, names, gram * verdict.scale**2, verdict, states)
 
     def _grouped_step(
-        self, closure: Callable[[], Any] | None, names: tuple[str, ...], gram: Tensor, verdict: Verdict
+        self,
+        closure: Callable[[], Any] | None,
+        names: tuple[str, ...],
+        gram: Tensor,
+        verdict: Verdict,
+        states: dict[str, State],
     ) -> Any:
         device = gram.device
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
@@ -269,7 +298,7 @@ class Balancer(torch.optim.Optimizer):
         if dropped:
             self._report_nonfinite([names[i] for i in dropped])
         keep = [i for i, bad in enumerate(verdict.nonfinite) if not bad]
-        weights, new_states = run_plugins(self._plugins, self._plugin_states, full.select(keep))
+        weights, new_states = run_plugins(self._plugins, states, full.select(keep))
         index = torch.tensor(keep, dtype=torch.long, device=device)
         full_weights = torch.zeros(len(names), dtype=torch.float64, device=device).index_copy(0, index, weights)
         if dropped:
@@ -298,6 +327,7 @@ class Balancer(torch.optim.Optimizer):
         else:
             result = self._backend.optimizer_step()
         self._backend.end_step()
+        self._taps.discard()
         self._losses.clear()
         self._captures.clear()
         self._step_count += 1
@@ -312,6 +342,7 @@ class Balancer(torch.optim.Optimizer):
             raise CaptureError(f"zero_grad() called inside group `{active}`. Call it outside group blocks.")
         self._early_gram = None
         self._backend.zero_grad(set_to_none)
+        self._taps.discard()
         self._losses.clear()
         self._captures.clear()
 

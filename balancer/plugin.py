@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from .stats import GroupStats
+from .taps import TapEvent
 
 __all__ = ["Plugin", "PluginOptions", "State"]
 
@@ -50,8 +51,15 @@ class Plugin(abc.ABC):
 
     Subclasses set ``name`` (the registry name, also the key of the plugin's state in
     ``state_dict``), optionally ``version`` (bump it when the state layout changes) and
-    ``Options`` (a :class:`PluginOptions` subclass), and implement :meth:`update`.
+    ``Options`` (a :class:`PluginOptions` subclass), and implement :meth:`update`, the tap
+    methods (:meth:`tap`, with :meth:`init_tap_stats` and :meth:`merge_tap_stats`), or both.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not inspect.isabstract(cls) and "name" in cls.__dict__:
+            if cls.update is Plugin.update and cls.tap is Plugin.tap:
+                raise TypeError(f"Plugin `{cls.name}` must implement update(), tap(), or both.")
 
     name: ClassVar[str]
     version: ClassVar[str] = "1"
@@ -81,7 +89,6 @@ class Plugin(abc.ABC):
         """Returns the initial state. Stateless plugins keep the default empty dict."""
         return {}
 
-    @abc.abstractmethod
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
         """Returns ``(new_weights, new_state)``.
 
@@ -92,8 +99,45 @@ class Plugin(abc.ABC):
             state: the state returned by the previous call (or by :meth:`init`).
 
         Must not synchronise with the device (no ``.item()``, no Python ``if`` on tensor values)
-        and must not modify ``state`` in place.
+        and must not modify ``state`` in place. The default passes the weights through
+        (for plugins that only act at taps).
         """
+        return weights, state
+
+    # -- taps (optional) ---------------------------------------------------------------------
+    @property
+    def uses_taps(self) -> bool:
+        """Whether this plugin implements :meth:`tap` (only such plugins see tapped gradients)."""
+        return type(self).tap is not Plugin.tap
+
+    def init_tap_stats(self) -> State:
+        """The empty per-step accumulator of tap statistics.
+
+        Every key the accumulator will ever hold must be here, with a tensor of its final
+        dtype: at step time each tensor is summed over data-parallel ranks (zero-padded along
+        dimension 0 to the longest rank's length, so per-class sums may grow), then handed to
+        :meth:`merge_tap_stats`. A rank that saw no tap in a step contributes this value.
+        """
+        return {}
+
+    def tap(self, event: TapEvent, state: State, tap_stats: State) -> tuple[Tensor, State]:
+        """Sees the gradient arriving at an ``opt.tap(...)`` tensor; returns ``(grad, tap_stats)``.
+
+        Runs inside the backward pass, once per tapped tensor and backward pass, in the
+        plugins' order (each sees the gradient the previous one returned). ``state`` is this
+        plugin's state as of the last step (read only); ``tap_stats`` is this step's
+        accumulator, to be returned updated (not modified in place). Same rules as
+        :meth:`update`: no host syncs.
+        """
+        return event.grad, tap_stats
+
+    def merge_tap_stats(self, state: State, tap_stats: State) -> State:
+        """Folds one step's accumulator, already summed over ranks, into the state (at step time)."""
+        return state
+
+    def metrics(self, state: State) -> dict[str, Any]:
+        """Numbers worth logging from the state after a step (tensors or floats); default none."""
+        return {}
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.options.model_dump().items())

@@ -26,8 +26,12 @@ class RankAgreement:
 
     def sum(self, tensor: Tensor) -> Tensor:
         """``tensor`` summed over the ranks of the group (moved to the collective's device and back)."""
-        moved = tensor.to(self.device)
-        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=self.group)
+        return self.reduce(tensor, "sum")
+
+    def reduce(self, tensor: Tensor, op: str) -> Tensor:
+        """``tensor`` reduced over the ranks with ``op``, ``"sum"`` or ``"max"``."""
+        moved = tensor.to(self.device, copy=True)
+        dist.all_reduce(moved, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op], group=self.group)
         return moved.to(tensor.device)
 
     def check(self, event: str) -> None:
@@ -44,3 +48,21 @@ class RankAgreement:
             f"Data-parallel ranks disagree on the groups of this step ({lines}). Every rank must enter the "
             "same groups, in the same order, with the same number of backward passes, and then call step()."
         )
+
+
+class RankReductions:
+    """Mixin for distributed backends that hold ``_agreement`` (a :class:`RankAgreement`) and
+    ``_world`` (the number of ranks): the reductions the :class:`~balancer.backend.Backend` seam asks for."""
+
+    _agreement: RankAgreement
+    _world: int
+
+    @property
+    def world_size(self) -> int:
+        return self._world
+
+    def all_reduce(self, tensor: Tensor, op: str = "sum") -> Tensor:
+        return self._agreement.reduce(tensor, op)
+
+    def reduce_losses(self, losses: Tensor) -> Tensor:
+        return self._agreement.sum(losses) / self._world

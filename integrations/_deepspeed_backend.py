@@ -17,7 +17,7 @@ from torch import Tensor
 from balancer.backend import Backend
 from balancer.errors import BalancerError, CaptureError
 
-from ._agreement import RankAgreement
+from ._agreement import RankAgreement, RankReductions
 from ._deepspeed_checkpoints import wrap_checkpoints
 from ._deepspeed_checks import check_supported
 from ._deepspeed_rows import GroupRows
@@ -32,7 +32,7 @@ _MIN_CHUNK = 1 << 16  # columns combined at a time: at least this many,
 _MAX_CHUNKS = 64  # and few enough stretches that the Python loop stays short
 
 
-class DeepSpeedBackend(Backend):
+class DeepSpeedBackend(RankReductions, Backend):
     """Group gradients of a ``DeepSpeedEngine``: this rank's owned share, one row per group."""
 
     def __init__(self, engine: Any) -> None:
@@ -136,9 +136,6 @@ class DeepSpeedBackend(Backend):
         self._agree_step()
         self._settle()
         return self._agreement.sum(self._rows.gram(len(self._names)).to(torch.float64))
-
-    def reduce_losses(self, losses: Tensor) -> Tensor:
-        return self._agreement.sum(losses) / self._world
 
     # -- combination -----------------------------------------------------------------------
     def expose_ungrouped(self, poison: Tensor | None = None) -> None:

@@ -34,7 +34,7 @@ from balancer.errors import CaptureError
 from balancer.flat_buffer import FlatBuffer, TensorKind
 from balancer.local import LocalBackend
 
-from ._agreement import RankAgreement
+from ._agreement import RankAgreement, RankReductions
 
 __all__ = ["ReplicatedBackend", "ShardedBackend", "backend_for"]
 
@@ -45,7 +45,7 @@ def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
     return torch.device("cpu")
 
 
-class _DistributedMixin(LocalBackend):
+class _DistributedMixin(RankReductions, LocalBackend):
     """What DDP and FSDP2 share: rank agreement, reducing the Gram matrix and the losses."""
 
     def _setup(self, group: dist.ProcessGroup | None) -> None:
@@ -58,9 +58,6 @@ class _DistributedMixin(LocalBackend):
 
     def _reduce_gram(self, gram: Tensor) -> Tensor:
         return self._agreement.sum(gram)
-
-    def reduce_losses(self, losses: Tensor) -> Tensor:
-        return self._agreement.sum(losses) / self._world
 
 
 class ReplicatedBackend(_DistributedMixin):

@@ -10,11 +10,12 @@ from collections.abc import Callable
 
 from balancer import Plugin, hookimpl
 
+from .balanced_dpo import BalancedDPO, BalancedDPOOptions
 from .task_norm import TaskNorm, TaskNormOptions
 
-__all__ = ["TaskNorm", "TaskNormOptions"]
+__all__ = ["BalancedDPO", "BalancedDPOOptions", "TaskNorm", "TaskNormOptions"]
 
-BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (TaskNorm,)
+BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (TaskNorm, BalancedDPO)
 
 
 @hookimpl
