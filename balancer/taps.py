@@ -62,7 +62,7 @@ class TapEvent:
         return torch.isin(self.group_index, torch.tensor(ids, device=self.group_index.device))
 
 
-def _row_groups(tensor: Tensor, group: str | Sequence[str]) -> tuple[tuple[str, ...], Tensor]:
+def row_groups(tensor: Tensor, group: str | Sequence[str]) -> tuple[tuple[str, ...], Tensor]:
     rows = tensor.shape[0]
     if isinstance(group, str):
         check_group_name(group)
@@ -121,7 +121,7 @@ class TapHub:
             raise CaptureError(
                 "opt.tap() needs a tensor with rows along dimension 0; for a scalar, tap `t.reshape(1)`."
             )
-        names, index = _row_groups(tensor, group)
+        names, index = row_groups(tensor, group)
         if labels is not None:
             if not isinstance(labels, Tensor) or labels.dim() == 0 or labels.shape[0] != tensor.shape[0]:
                 found = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__

@@ -12,6 +12,11 @@ which property broke and on what input:
   ``torch.load(weights_only=True)``, and the loaded state produces the same next weights;
 - stable state structure: the same keys and types after ``init`` and after updates, and the
   same shapes and dtypes from one update to the next.
+
+For tap plugins, pass example events (``tap_events=[tap_event(...)]``); then ``tap`` and
+``merge_tap_stats`` are checked the same way: no host sync, nothing modified in place, a finite
+gradient of the same shape, tap statistics with the keys of ``init_tap_stats``, and a state that
+keeps its structure and survives the round trip after merging.
 """
 
 from __future__ import annotations
@@ -26,8 +31,9 @@ from torch import Tensor
 
 from .plugin import Plugin, State
 from .stats import GroupStats
+from .taps import TapEvent, row_groups
 
-__all__ = ["check_plugin", "random_stats"]
+__all__ = ["check_plugin", "random_stats", "tap_event"]
 
 
 def random_stats(k: int, *, seed: int = 0, scale: float = 1.0, dim: int = 16, step: int = 0) -> GroupStats:
@@ -46,14 +52,14 @@ class _SyncError(AssertionError):
 
 
 @contextlib.contextmanager
-def _no_host_sync(plugin: str) -> Iterator[None]:
+def _no_host_sync(plugin: str, where: str = "update()") -> Iterator[None]:
     names = ("item", "tolist", "__bool__", "__float__", "__int__")
     saved = {name: getattr(Tensor, name) for name in names}
 
     def forbid(name: str) -> Any:
         def raiser(self: Tensor, *args: Any, **kwargs: Any) -> Any:
             raise _SyncError(
-                f"Plugin `{plugin}` called Tensor.{name}() in update(): that synchronises with the device. "
+                f"Plugin `{plugin}` called Tensor.{name}() in {where}: that synchronises with the device. "
                 "Use torch.where/clamp instead of Python branches on tensor values."
             )
 
@@ -178,6 +184,62 @@ def _check_state(plugin: Plugin, k: int, steps: int, seed: int) -> None:
     assert torch.equal(w_orig, w_load), f"Plugin `{plugin.name}` gives different weights after a state round trip."
 
 
+def tap_event(
+    value: Tensor,
+    group: str | Sequence[str],
+    labels: Tensor | None = None,
+    grad: Tensor | None = None,
+    *,
+    seed: int = 0,
+) -> TapEvent:
+    """A :class:`~balancer.taps.TapEvent` as ``opt.tap(value, group=group, labels=labels)`` would
+    produce it; ``grad`` defaults to a random gradient of ``value``'s shape."""
+    names, index = row_groups(value, group)
+    if grad is None:
+        grad = torch.randn(value.shape, generator=torch.Generator().manual_seed(seed), dtype=value.dtype)
+    return TapEvent(grad=grad, value=value.detach(), names=names, group_index=index, labels=labels)
+
+
+def _check_taps(plugin: Plugin, events: Sequence[TapEvent], steps: int) -> None:
+    state = plugin.init()
+    init_structure = _structure(state, deep=False)
+    for t in range(steps):
+        tap_stats = plugin.init_tap_stats()
+        for event in events:
+            before_stats, before_state = _snapshot(tap_stats), _snapshot(state)
+            with _no_host_sync(plugin.name, "tap()"):
+                grad, new_stats = plugin.tap(event, state, tap_stats)
+            assert _equal(before_stats, tap_stats) and _equal(before_state, state), (
+                f"Plugin `{plugin.name}` modified the state or tap stats passed to tap() in place."
+            )
+            assert isinstance(grad, Tensor) and grad.shape == event.grad.shape, (
+                f"Plugin `{plugin.name}` tap() returned a gradient of the wrong shape for {tuple(event.grad.shape)}."
+            )
+            assert bool(torch.isfinite(grad).all()), f"Plugin `{plugin.name}` tap() returned a non-finite gradient."
+            assert isinstance(new_stats, dict) and set(new_stats) == set(tap_stats), (
+                f"Plugin `{plugin.name}` tap() changed the keys of its tap stats."
+            )
+            tap_stats = new_stats
+        old_state, before_state = state, _snapshot(state)
+        with _no_host_sync(plugin.name, "merge_tap_stats()"):
+            state = plugin.merge_tap_stats(old_state, tap_stats)
+        assert _equal(before_state, old_state), (
+            f"Plugin `{plugin.name}` modified the state passed to merge_tap_stats() in place."
+        )
+        assert _structure(state, deep=False) == init_structure, (
+            f"Plugin `{plugin.name}` changed its state's keys or types in merge_tap_stats() at step {t}."
+        )
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert _equal(loaded, state), f"Plugin `{plugin.name}` state changed in a torch.save/torch.load round trip."
+    for event in events:
+        g_orig, _ = plugin.tap(event, state, plugin.init_tap_stats())
+        g_load, _ = plugin.tap(event, loaded, plugin.init_tap_stats())
+        assert torch.equal(g_orig, g_load), f"Plugin `{plugin.name}` rescales differently after a state round trip."
+
+
 def check_plugin(
     plugin: Plugin,
     *,
@@ -186,8 +248,11 @@ def check_plugin(
     seed: int = 0,
     permutation_equivariant: bool = True,
     rtol: float = 1e-9,
+    tap_events: Sequence[TapEvent] = (),
 ) -> None:
     """Runs every conformance check on ``plugin``; raises ``AssertionError`` on the first failure."""
+    if tap_events:
+        _check_taps(plugin, tap_events, steps)
     sizes = [num_groups] if isinstance(num_groups, int) else list(num_groups)
     for k in sizes:
         _check_scales(plugin, k, steps, seed)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from balancer import Plugin
-from balancer.testing import check_plugin
+from balancer.testing import check_plugin, tap_event
 
 
 class _Base(Plugin):
@@ -87,3 +87,65 @@ def test_check_plugin_catches(plugin, message):
 def test_check_plugin_accepts_a_conforming_plugin():
     check_plugin(_Base())
     check_plugin(_FirstGroupSpecial(), permutation_equivariant=False)
+
+
+class _TapCounter(Plugin):
+    """A well-behaved tap plugin; subclasses break one rule each."""
+
+    name = "tap_counter"
+
+    def init(self):
+        return {"rows": torch.zeros(1, dtype=torch.float64)}
+
+    def init_tap_stats(self):
+        return {"rows": torch.zeros(1, dtype=torch.float64)}
+
+    def tap(self, event, state, tap_stats):
+        return event.grad * 0.5, {"rows": tap_stats["rows"] + event.num_rows}
+
+    def merge_tap_stats(self, state, tap_stats):
+        return {"rows": state["rows"] + tap_stats["rows"]}
+
+
+class _TapSyncs(_TapCounter):
+    name = "tap_syncs"
+
+    def tap(self, event, state, tap_stats):
+        scale = 2.0 if event.grad.sum().item() > 0 else 1.0
+        return event.grad * scale, tap_stats
+
+
+class _TapMutates(_TapCounter):
+    name = "tap_mutates"
+
+    def tap(self, event, state, tap_stats):
+        tap_stats["rows"] += event.num_rows
+        return event.grad, tap_stats
+
+
+class _TapReshapes(_TapCounter):
+    name = "tap_reshapes"
+
+    def tap(self, event, state, tap_stats):
+        return event.grad.sum(0), tap_stats
+
+
+def _events():
+    return [tap_event(torch.randn(4, 3), ["a", "b", "a", "a"], torch.tensor([0, 2, 1, 2]))]
+
+
+def test_check_plugin_accepts_a_good_tap_plugin():
+    check_plugin(_TapCounter(), tap_events=_events())
+
+
+@pytest.mark.parametrize(
+    ("plugin", "message"),
+    [
+        (_TapSyncs(), "Tensor.item\\(\\) in tap\\(\\)"),
+        (_TapMutates(), "in place"),
+        (_TapReshapes(), "wrong shape"),
+    ],
+)
+def test_check_plugin_catches_tap_plugins_breaking_the_rules(plugin, message):
+    with pytest.raises(AssertionError, match=message):
+        check_plugin(plugin, tap_events=_events())
