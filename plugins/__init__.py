@@ -10,12 +10,68 @@ from collections.abc import Callable
 
 from balancer import Plugin, hookimpl
 
+from .aligned_mtl import AlignedMTL, AlignedMTLOptions
 from .balanced_dpo import BalancedDPO, BalancedDPOOptions
+from .cagrad import CAGrad, CAGradOptions
+from .dualproj import DualProj, DualProjOptions
+from .dwa import DWA, DWAOptions
+from .famo import FAMO, FAMOOptions
+from .gradvac import GradVac, GradVacOptions
+from .imtl_g import IMTLG, IMTLGOptions
+from .mgda import MGDA, MGDAOptions
+from .nash_mtl import NashMTL, NashMTLOptions
+from .pcgrad import PCGrad, PCGradOptions
+from .rlw import RLW, RLWOptions
 from .task_norm import TaskNorm, TaskNormOptions
+from .upgrad import UPGrad, UPGradOptions
 
-__all__ = ["BalancedDPO", "BalancedDPOOptions", "TaskNorm", "TaskNormOptions"]
+__all__ = [
+    "AlignedMTL",
+    "AlignedMTLOptions",
+    "BalancedDPO",
+    "BalancedDPOOptions",
+    "CAGrad",
+    "CAGradOptions",
+    "DualProj",
+    "DualProjOptions",
+    "DWA",
+    "DWAOptions",
+    "FAMO",
+    "FAMOOptions",
+    "GradVac",
+    "GradVacOptions",
+    "IMTLG",
+    "IMTLGOptions",
+    "MGDA",
+    "MGDAOptions",
+    "NashMTL",
+    "NashMTLOptions",
+    "PCGrad",
+    "PCGradOptions",
+    "RLW",
+    "RLWOptions",
+    "TaskNorm",
+    "TaskNormOptions",
+    "UPGrad",
+    "UPGradOptions",
+]
 
-BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (TaskNorm, BalancedDPO)
+BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (
+    TaskNorm,
+    BalancedDPO,
+    PCGrad,
+    IMTLG,
+    AlignedMTL,
+    GradVac,
+    FAMO,
+    DWA,
+    RLW,
+    MGDA,
+    UPGrad,
+    DualProj,
+    CAGrad,
+    NashMTL,
+)
 
 
 @hookimpl

@@ -18,7 +18,7 @@ import balancer
 import balancer.registry
 from balancer import Plugin, Registry
 from balancer.cli import main
-from balancer.plugins import TaskNorm
+from balancer.plugins import BUILTIN_PLUGINS, TaskNorm
 
 OWN = "gradient-balancer"
 TASK_NORM_SUMMARY = inspect.getdoc(TaskNorm).splitlines()[0]
@@ -70,7 +70,7 @@ def test_plugins_prints_an_aligned_table(with_echo_installed, capsys) -> None:
 
     lines = capsys.readouterr().out.splitlines()
     version = balancer.__version__
-    name_w = len("task_norm")
+    name_w = max(len(plugin.name) for plugin in BUILTIN_PLUGINS)
     dist_w = len("echo-balancer-plugin")
     version_w = max(len("version"), len(version), len("10.2.3"))
 
@@ -79,23 +79,38 @@ def test_plugins_prints_an_aligned_table(with_echo_installed, capsys) -> None:
 
     assert lines == [
         row("name", "distribution", "version", "summary"),
-        row("echo", "echo-balancer-plugin", "10.2.3", "Returns the weights unchanged (a fake third-party plugin)."),
-        row("task_norm", OWN, version, TASK_NORM_SUMMARY),
+        *sorted(
+            [
+                row(
+                    "echo",
+                    "echo-balancer-plugin",
+                    "10.2.3",
+                    "Returns the weights unchanged (a fake third-party plugin).",
+                )
+            ]
+            + [row(p.name, OWN, version, p.summary()) for p in BUILTIN_PLUGINS]
+        ),
     ]
+    assert row("task_norm", OWN, version, TASK_NORM_SUMMARY) in lines
 
 
 def test_plugins_json_lists_every_field(with_echo_installed, capsys) -> None:
     assert main(["plugins", "--json"]) == 0
 
-    assert json.loads(capsys.readouterr().out) == [
-        {
-            "name": "echo",
-            "distribution": "echo-balancer-plugin",
-            "version": "10.2.3",
-            "summary": "Returns the weights unchanged (a fake third-party plugin).",
-        },
-        {"name": "task_norm", "distribution": OWN, "version": balancer.__version__, "summary": TASK_NORM_SUMMARY},
-    ]
+    listed = json.loads(capsys.readouterr().out)
+    assert [entry["name"] for entry in listed] == sorted(["echo", *(p.name for p in BUILTIN_PLUGINS)])
+    assert {
+        "name": "echo",
+        "distribution": "echo-balancer-plugin",
+        "version": "10.2.3",
+        "summary": "Returns the weights unchanged (a fake third-party plugin).",
+    } in listed
+    assert {
+        "name": "task_norm",
+        "distribution": OWN,
+        "version": balancer.__version__,
+        "summary": TASK_NORM_SUMMARY,
+    } in listed
 
 
 def test_plugins_with_nothing_installed_says_so(monkeypatch, capsys) -> None:

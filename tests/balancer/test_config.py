@@ -14,10 +14,10 @@ from hypothesis import strategies as st
 
 import balancer
 from balancer import Balancer, BalancerConfig, ConfigError, PluginSpec, Registry, build_plugins, load_config
-from balancer.plugins import TaskNorm, TaskNormOptions
+from balancer.plugins import BUILTIN_PLUGINS, TaskNorm, TaskNormOptions
 
 UNKNOWN_NOPE = (
-    "Unknown plugin `nope`. Available plugins: task_norm. "
+    f"Unknown plugin `nope`. Available plugins: {', '.join(sorted(p.name for p in BUILTIN_PLUGINS))}. "
     "Install the package that provides it, or pass the plugin class or instance directly."
 )
 SECTION = {"plugins": [{"name": "task_norm", "options": {"alpha": 0.25}}, "other"], "on_nonfinite": "raise"}
@@ -25,12 +25,14 @@ EXPECTED = BalancerConfig(
     plugins=[PluginSpec(name="task_norm", options={"alpha": 0.25}), PluginSpec(name="other")], on_nonfinite="raise"
 )
 
+BUILTINS = sorted(plugin.name for plugin in BUILTIN_PLUGINS)
+
 
 @pytest.fixture(scope="module")
 def registry() -> Registry:
     """A registry of its own, loaded from this environment (only the built-ins are installed)."""
     registry = Registry()
-    assert registry.names() == ["task_norm"]
+    assert registry.names() == BUILTINS
     return registry
 
 
@@ -400,7 +402,8 @@ def test_config_schema_holds_the_config_and_every_plugins_options(registry) -> N
     assert set(schema["properties"]) == {"plugins", "on_nonfinite"}
     assert schema["additionalProperties"] is False
     assert schema["properties"]["on_nonfinite"]["enum"] == ["zero", "raise"]
-    assert schema["plugin_options"] == {"task_norm": TaskNormOptions.model_json_schema()}
+    assert schema["plugin_options"] == {p.name: p.Options.model_json_schema() for p in BUILTIN_PLUGINS}
+    assert schema["plugin_options"]["task_norm"] == TaskNormOptions.model_json_schema()
     alpha = schema["plugin_options"]["task_norm"]["properties"]["alpha"]
     assert (alpha["minimum"], alpha["maximum"], alpha["default"]) == (0.0, 1.0, 1.0)
     json.dumps(schema)  # serialisable as is

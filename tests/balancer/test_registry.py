@@ -17,9 +17,11 @@ import torch
 
 import balancer
 from balancer import Balancer, Plugin, PluginInfo, PluginLoadError, PluginOptions, PluginWarning, Registry
-from balancer.plugins import TaskNorm
+from balancer.plugins import BUILTIN_PLUGINS, TaskNorm
 
 OWN = "gradient-balancer"
+
+BUILTINS = sorted(plugin.name for plugin in BUILTIN_PLUGINS)
 
 
 # -- fakes --------------------------------------------------------------------------------------
@@ -150,7 +152,7 @@ def test_task_norm_comes_through_the_projects_own_entry_point() -> None:
 def test_a_distribution_found_twice_on_the_path_is_loaded_once(installed) -> None:
     installed(importlib.metadata.distribution(OWN))  # e.g. an editable install shadowing a wheel
 
-    assert Registry().names() == ["task_norm"]  # no clash warning (warnings are errors here)
+    assert Registry().names() == BUILTINS  # no clash warning (warnings are errors here)
 
 
 # -- third-party packages -----------------------------------------------------------------------
@@ -159,8 +161,8 @@ def test_third_party_plugin_is_listed_with_its_distribution_and_version(installe
     installed(fake)
     registry = Registry()
 
-    assert registry.names() == ["fake_doubler", "task_norm"]
-    assert [info.name for info in registry.list()] == ["fake_doubler", "task_norm"]
+    assert registry.names() == sorted(["fake_doubler", *BUILTINS])
+    assert [info.name for info in registry.list()] == sorted(["fake_doubler", *BUILTINS])
     assert registry.get("fake_doubler") == PluginInfo(
         name="fake_doubler",
         distribution="fake-doubler-dist",
@@ -195,7 +197,7 @@ def test_entry_points_of_other_groups_are_ignored(installed) -> None:
     other = FakeEntryPoint("cli", RuntimeError("must not be loaded"), group="console_scripts")
     installed(FakeDistribution("some-tool", "1.0", other))
 
-    assert Registry().names() == ["task_norm"]
+    assert Registry().names() == BUILTINS
     assert other.loads == 0
 
 
@@ -204,11 +206,10 @@ def test_one_package_may_register_several_plugins(installed) -> None:
 
     infos = Registry().list()
 
-    assert [(i.name, i.distribution, i.version) for i in infos] == [
-        ("fake_doubler", "two-plugins", "0.3"),
-        ("fake_halver", "two-plugins", "0.3"),
-        ("task_norm", OWN, balancer.__version__),
-    ]
+    assert [(i.name, i.distribution, i.version) for i in infos] == sorted(
+        [("fake_doubler", "two-plugins", "0.3"), ("fake_halver", "two-plugins", "0.3")]
+        + [(name, OWN, balancer.__version__) for name in BUILTINS]
+    )
 
 
 # -- broken packages ----------------------------------------------------------------------------
@@ -251,7 +252,7 @@ def test_broken_packages_warn_with_their_distribution_and_the_others_still_load(
     with pytest.warns(PluginWarning) as record:
         names = registry.names()
 
-    assert names == ["fake_doubler", "task_norm"]
+    assert names == sorted(["fake_doubler", *BUILTINS])
     assert registry.get("task_norm").plugin_class is TaskNorm  # the clash did not replace the built-in
     messages = [str(w.message) for w in record]
     assert len(messages) == len(BROKEN)
@@ -272,7 +273,7 @@ def test_a_package_whose_hook_fails_registers_none_of_its_plugins(installed) -> 
     registry = Registry()
 
     with pytest.warns(PluginWarning, match="hook-raises"):
-        assert registry.names() == ["task_norm"]
+        assert registry.names() == BUILTINS
 
 
 @pytest.mark.parametrize("kind", list(BROKEN))
@@ -302,7 +303,7 @@ def test_strict_mode_keeps_failing_instead_of_returning_a_partial_registry(insta
     assert good_entry_point.loads == 1  # what loaded is not loaded again
     monkeypatch.delenv("BALANCER_STRICT_PLUGINS")
     with pytest.warns(PluginWarning, match="distribution `import-fails`"):
-        assert registry.names() == ["fake_doubler", "task_norm"]
+        assert registry.names() == sorted(["fake_doubler", *BUILTINS])
 
 
 # -- autoload off -------------------------------------------------------------------------------
@@ -313,9 +314,11 @@ def test_disable_autoload_skips_third_party_packages_but_keeps_builtins(installe
     monkeypatch.setenv("BALANCER_DISABLE_PLUGIN_AUTOLOAD", value)
     registry = Registry()
 
-    assert registry.names() == ["task_norm"]
+    assert registry.names() == BUILTINS
     assert entry_point.loads == 0
-    with pytest.raises(PluginLoadError, match="Unknown plugin `fake_doubler`. Available plugins: task_norm. "):
+    with pytest.raises(
+        PluginLoadError, match=f"Unknown plugin `fake_doubler`. Available plugins: {', '.join(BUILTINS)}. "
+    ):
         registry.get("fake_doubler")
 
 
@@ -325,7 +328,7 @@ def test_autoload_stays_on_for_falsy_values(installed, monkeypatch, value) -> No
     installed(fake)
     monkeypatch.setenv("BALANCER_DISABLE_PLUGIN_AUTOLOAD", value)
 
-    assert Registry().names() == ["fake_doubler", "task_norm"]
+    assert Registry().names() == sorted(["fake_doubler", *BUILTINS])
 
 
 def test_disable_autoload_recognises_the_own_distribution_under_any_spelling(installed, monkeypatch) -> None:
@@ -393,7 +396,7 @@ def test_unknown_name_lists_the_available_plugins(installed) -> None:
         Registry().get("nope")
 
     assert str(excinfo.value) == (
-        "Unknown plugin `nope`. Available plugins: fake_doubler, task_norm. "
+        f"Unknown plugin `nope`. Available plugins: {', '.join(sorted(['fake_doubler', *BUILTINS]))}. "
         "Install the package that provides it, or pass the plugin class or instance directly."
     )
 
@@ -413,7 +416,7 @@ def test_register_by_hand(installed) -> None:
     registry.register(Doubler)
     registry.register(Halver, distribution="my-notebook", version="0.0.1")
 
-    assert registry.names() == ["fake_doubler", "fake_halver", "task_norm"]
+    assert registry.names() == sorted(["fake_doubler", "fake_halver", *BUILTINS])
     assert registry.get("fake_doubler") == PluginInfo(
         name="fake_doubler",
         distribution="<local>",
@@ -430,11 +433,10 @@ def test_register_hooks_by_hand(installed) -> None:
 
     registry.register_hooks(hooks_module(Doubler, Halver), distribution="scratch", version="7")
 
-    assert [(i.name, i.distribution, i.version) for i in registry.list()] == [
-        ("fake_doubler", "scratch", "7"),
-        ("fake_halver", "scratch", "7"),
-        ("task_norm", OWN, balancer.__version__),
-    ]
+    assert [(i.name, i.distribution, i.version) for i in registry.list()] == sorted(
+        [("fake_doubler", "scratch", "7"), ("fake_halver", "scratch", "7")]
+        + [(name, OWN, balancer.__version__) for name in BUILTINS]
+    )
 
 
 def test_register_hooks_without_a_hook_is_an_error(installed) -> None:
@@ -483,7 +485,7 @@ def test_a_hook_registering_one_name_twice_is_refused(installed) -> None:
     assert str(excinfo.value) == (
         "Plugin name `fake_halver` from `twice` is already registered by `twice`. Rename one of them."
     )
-    assert registry.names() == ["task_norm"]
+    assert registry.names() == BUILTINS
 
 
 def test_unregister_frees_the_name(installed) -> None:
@@ -494,7 +496,7 @@ def test_unregister_frees_the_name(installed) -> None:
     registry.unregister("fake_doubler")
     registry.unregister("never_registered")  # no error
 
-    assert registry.names() == ["task_norm"]
+    assert registry.names() == BUILTINS
     registry.register(Doubler, distribution="again")
     assert registry.get("fake_doubler").distribution == "again"
 
@@ -538,4 +540,4 @@ def test_register_refuses_what_is_not_a_proper_plugin_class(installed, obj, mess
         registry.register(obj)
 
     assert str(excinfo.value) == message
-    assert registry.names() == ["task_norm"]
+    assert registry.names() == BUILTINS

@@ -1,0 +1,57 @@
+"""Plugin state keyed by group name, so it survives groups that change order, appear or vanish.
+
+The state stores ``names`` (every group seen so far, in order of first appearance) and tensors
+whose leading dimensions follow that list. Each step the current groups are looked up by name;
+new ones are appended with a fill value; groups absent from the step keep their entries as they
+are. The lookups are Python work on the names: no device tensor is read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["NamedIndex"]
+
+
+class NamedIndex:
+    """Where this step's groups sit in the stored ``names`` list (extended with the new ones)."""
+
+    def __init__(self, stored: Sequence[str], current: Sequence[str], device: torch.device) -> None:
+        known = set(stored)
+        self.names = list(stored) + [n for n in current if n not in known]
+        self.added = len(self.names) - len(stored)
+        position = {n: i for i, n in enumerate(self.names)}
+        self.index = torch.tensor([position[n] for n in current], dtype=torch.long).to(device)
+
+    def vector(self, stored: Tensor, fill: float, device: torch.device) -> Tensor:
+        """``stored`` (over the old names) padded with ``fill`` for the new names, on ``device``."""
+        stored = stored.to(device=device, dtype=torch.float64)
+        return torch.cat([stored, torch.full((self.added,), fill, dtype=torch.float64, device=device)])
+
+    def matrix(self, stored: Tensor, fill: float, device: torch.device) -> Tensor:
+        """``stored`` (old names × old names) padded with ``fill`` rows and columns for the new names."""
+        stored = stored.to(device=device, dtype=torch.float64)
+        m = len(self.names)
+        out = torch.full((m, m), fill, dtype=torch.float64, device=device)
+        old = m - self.added
+        out[:old, :old] = stored  # a fresh tensor: the stored state is not modified
+        return out
+
+    def take(self, full: Tensor) -> Tensor:
+        """The current groups' entries of a padded vector."""
+        return full.index_select(0, self.index)
+
+    def take_matrix(self, full: Tensor) -> Tensor:
+        """The current groups' block of a padded matrix."""
+        return full.index_select(0, self.index).index_select(1, self.index)
+
+    def put(self, full: Tensor, values: Tensor) -> Tensor:
+        """A copy of the padded vector ``full`` with the current groups' entries set to ``values``."""
+        return full.index_copy(0, self.index, values)
+
+    def put_matrix(self, full: Tensor, values: Tensor) -> Tensor:
+        """A copy of the padded matrix ``full`` with the current groups' block set to ``values``."""
+        return full.index_put((self.index[:, None], self.index[None, :]), values)
