@@ -6,8 +6,8 @@ saw in that step: per-group gradient norms, cosines, weights and losses, the sam
 split-half estimate of each task's squared gradient norm, and the step's imbalance ratio
 ``max_k ‖g_k‖² / min_k ‖g_k‖²`` of the naive task norms (``null`` when a task's gradient is
 zero), the statistic Wu et al. (*Imbalanced Gradients in RL Post-Training of Multi-Task LLMs*,
-arXiv 2510.19178) track. ``extra`` carries anything else, e.g. per-task
-rewards. ``balancer report`` turns the file into figures. Non-finite numbers are written as
+arXiv 2510.19178) track; ``plugins`` holds each plugin's own metrics (e.g. ``balanced_dpo``'s
+chosen/rejected norms and log-probs). ``extra`` carries anything else, e.g. per-task rewards. ``balancer report`` turns the file into figures. Non-finite numbers are written as
 ``null`` so that every line is strict JSON.
 
 Example::
@@ -60,8 +60,18 @@ def _ratio(sq_norms: list[float]) -> float | None:
     return max(finite) / min(finite)
 
 
-def step_record(stats: GroupStats, *, run: str, step: int, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The record :class:`MetricsLogger` writes for one step (plain Python, strict-JSON numbers)."""
+def step_record(
+    stats: GroupStats,
+    *,
+    run: str,
+    step: int,
+    extra: Mapping[str, Any] | None = None,
+    plugins: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The record :class:`MetricsLogger` writes for one step (plain Python, strict-JSON numbers).
+
+    ``plugins`` holds each plugin's :meth:`~balancer.Plugin.metrics` (``Balancer.plugin_metrics()``).
+    """
     tasks = pool_halves(stats)
     task_sq = tasks.sq_norms.tolist()
     record: dict[str, Any] = {
@@ -78,6 +88,7 @@ def step_record(stats: GroupStats, *, run: str, step: int, extra: Mapping[str, A
         "task_weights": tasks.weights,
         "task_cosines": tasks.cosines,
         "imbalance_ratio": _ratio(task_sq),
+        "plugins": {name: dict(values) for name, values in (plugins or {}).items() if values},
         "extra": dict(extra or {}),
     }
     return _plain(record)
@@ -115,7 +126,8 @@ class MetricsLogger:
                 "Nothing to log: the Balancer's last step had no groups (last_stats is None). Call log() "
                 "after opt.step() of a step whose gradients were captured in `with opt.group(...)` blocks."
             )
-        record = step_record(stats, run=self.run, step=step, extra=extra)
+        plugins = source.plugin_metrics() if isinstance(source, Balancer) else None
+        record = step_record(stats, run=self.run, step=step, extra=extra, plugins=plugins)
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         return record

@@ -109,3 +109,20 @@ def test_read_metrics_names_the_bad_line(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         read_metrics(path)
+
+
+def test_plugin_metrics_are_logged(tmp_path):
+    torch.manual_seed(0)
+    theta = torch.nn.Parameter(torch.randn(3, dtype=torch.float64))
+    opt = Balancer(torch.optim.SGD([theta], lr=0.1), plugins=[("balanced_dpo", {"rule": "norm"}), "task_norm"])
+    x = torch.randn(4, 3, dtype=torch.float64)
+    opt.backward({"chosen": -(x @ theta).mean(), "rejected": 3.0 * (x @ theta).square().mean()})
+    opt.step()
+    with MetricsLogger(tmp_path / "m.jsonl") as log:
+        record = log.log(opt, step=0)
+    dpo = record["plugins"]["balanced_dpo"]
+    assert "task_norm" not in record["plugins"]  # no metrics of its own: left out
+    norms = opt.last_stats.norms.tolist()
+    assert dpo["chosen_norm"] == pytest.approx(norms[0]) and dpo["rejected_norm"] == pytest.approx(norms[1])
+    assert dpo["logp_chosen"] is None  # nothing was tapped: nan is written as null
+    assert read_metrics(tmp_path / "m.jsonl")["run"][0]["plugins"] == record["plugins"]
