@@ -7,8 +7,9 @@ split-half estimate of each task's squared gradient norm, and the step's imbalan
 ``max_k ‖g_k‖² / min_k ‖g_k‖²`` of the naive task norms (``null`` when a task's gradient is
 zero), the statistic Wu et al. (*Imbalanced Gradients in RL Post-Training of Multi-Task LLMs*,
 arXiv 2510.19178) track; ``plugins`` holds each plugin's own metrics (e.g. ``balanced_dpo``'s
-chosen/rejected norms and log-probs). ``extra`` carries anything else, e.g. per-task rewards. ``balancer report`` turns the file into figures. Non-finite numbers are written as
-``null`` so that every line is strict JSON.
+chosen/rejected norms and log-probs). ``extra`` carries anything else, e.g. per-task rewards.
+``balancer report`` turns the file into figures. Non-finite numbers are written as ``null`` so
+that every line is strict JSON.
 
 Example::
 
