@@ -23,10 +23,13 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def make_balancer_section(plugins: Sequence[Plugin], states: dict[str, State], step: int) -> dict[str, Any]:
+def make_balancer_section(
+    plugins: Sequence[Plugin], states: dict[str, State], step: int, rows: int = 0
+) -> dict[str, Any]:
     return {
         "format": FORMAT_VERSION,
         "step": step,
+        "rows": rows,  # the most groups captured in one step (optional on load)
         "plugins": [{"name": p.name, "version": p.version} for p in plugins],
         "states": {p.name: states[p.name] for p in plugins},
     }

@@ -86,6 +86,10 @@ class Backend(abc.ABC):
     def gram(self) -> Tensor:
         """The exact global ``[k, k]`` float64 Gram matrix of the present groups."""
 
+    def reserve_rows(self, count: int) -> None:
+        """A hint from a checkpoint: steps capture up to ``count`` groups, so room for them may be
+        made in one piece at the first capture (as in a long run) instead of group by group."""
+
     @property
     def world_size(self) -> int:
         """Number of data-parallel ranks whose statistics are reduced together (1 locally)."""

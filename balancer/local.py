@@ -37,6 +37,10 @@ class LocalBackend(Backend):
         self._layout: tuple[int, ...] = ()
         self._fresh = False
         self._poison: tuple[Tensor, Tensor] | None = None
+        self._reserved_rows = 0
+
+    def reserve_rows(self, count: int) -> None:
+        self._reserved_rows = max(self._reserved_rows, count)
 
     # -- queries ---------------------------------------------------------------------------
     @property
@@ -93,7 +97,7 @@ class LocalBackend(Backend):
         if self._fresh:
             self._names.append(name)
             for buf in self._buffers:
-                buf.ensure_rows(len(self._names))
+                buf.ensure_rows(max(len(self._names), self._reserved_rows))
         row = self._names.index(name)
         for buf in self._buffers:
             buf.begin_group(row, self._fresh)

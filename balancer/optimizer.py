@@ -110,6 +110,7 @@ class Balancer(torch.optim.Optimizer):
         self.on_nonfinite: NonFinitePolicy = on_nonfinite
         self.last_stats: GroupStats | None = None
         self._step_count = 0
+        self._rows_seen = 0  # the most groups seen in one step
         self._losses: dict[str, Tensor] = {}
         self._captures: dict[str, int] = {}
         self._graph_checked = False
@@ -294,6 +295,7 @@ class Balancer(torch.optim.Optimizer):
         losses = self._backend.reduce_losses(torch.stack([self._losses.get(n, nan).to(device) for n in names]))
         calls = tuple(self._captures.get(n, 0) for n in names)
         full = GroupStats(names=names, gram=gram, losses=losses, backward_calls=calls, step=self._step_count)
+        self._rows_seen = max(self._rows_seen, len(names))
         dropped = [i for i, bad in enumerate(verdict.nonfinite) if bad]
         if dropped:
             self._report_nonfinite([names[i] for i in dropped])
@@ -365,23 +367,27 @@ class Balancer(torch.optim.Optimizer):
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        states, step = load_balancer_section(state_dict.get("balancer"), self._plugins, self._backend.stats_device)
+        section = state_dict.get("balancer")
+        load_balancer_section(section, self._plugins, self._backend.stats_device)  # validate before loading
         self._inner.load_state_dict({k: v for k, v in state_dict.items() if k != "balancer"})
-        self._plugin_states.update(states)
-        self._step_count = step
+        self.load_balancer_state_dict(section)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def balancer_state_dict(self) -> dict[str, Any]:
         """The Balancer's own section alone (plugin names, versions, states, step count), for
         checkpoint formats that store the optimizer elsewhere (DeepSpeed's client state)."""
-        return make_balancer_section(self._plugins, self._plugin_states, self._step_count)
+        return make_balancer_section(self._plugins, self._plugin_states, self._step_count, self._rows_seen)
 
     def load_balancer_state_dict(self, section: dict[str, Any] | None) -> None:
         """Restores a :meth:`balancer_state_dict`; the plugin list must match the saved one."""
         states, step = load_balancer_section(section, self._plugins, self._backend.stats_device)
         self._plugin_states.update(states)
         self._step_count = step
+        # The rows of a long run live in one merged block; reserving it now makes the first
+        # steps after a resume sum in the same order as the uninterrupted run (bit-exact resume).
+        self._rows_seen = int(section.get("rows", 0)) if isinstance(section, dict) else 0
+        self._backend.reserve_rows(self._rows_seen)
 
     # -- pickling, printing ------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:

@@ -131,3 +131,43 @@ def test_version_mismatch_is_refused(make_model, make_batches, group_loss):
     sd["balancer"]["plugins"][0]["version"] = "0"
     with pytest.raises(StateDictError, match="saved 0, installed 1"):
         opt.load_state_dict(sd)
+
+
+def test_the_first_steps_after_a_resume_sum_in_the_same_order_as_the_long_run():
+    """A long run keeps its rows in one merged block; a resumed Balancer reserves it at once, so
+    its first Gram matrices are bit-identical, not equal only to rounding."""
+    import copy
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(40, 120), torch.nn.Tanh(), torch.nn.Linear(120, 3)).double()
+
+    def train(m, opt, steps):
+        grams = []
+        for step in steps:
+            for i in range(3):
+                gen = torch.Generator().manual_seed(100 * step + i)
+                x = torch.randn(8, 40, generator=gen, dtype=torch.float64)
+                y = torch.randn(8, 3, generator=gen, dtype=torch.float64) * 10.0**i
+                with opt.group(f"g{i}"):
+                    torch.nn.functional.mse_loss(m(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            grams.append(opt.last_stats.gram)
+        return grams
+
+    def build(m):
+        return Balancer(torch.optim.SGD(m.parameters(), lr=1e-3), plugins=[("task_norm", {"beta": 0.8})])
+
+    long_model = model()
+    long_run = build(long_model)
+    train(long_model, long_run, range(2))
+    saved, saved_model = copy.deepcopy(long_run.state_dict()), copy.deepcopy(long_model.state_dict())
+    assert saved["balancer"]["rows"] == 3
+    expected = train(long_model, long_run, range(2, 4))
+    resumed_model = model()
+    resumed_model.load_state_dict(saved_model)
+    resumed = build(resumed_model)
+    resumed.load_state_dict(saved)
+    for got, want in zip(train(resumed_model, resumed, range(2, 4)), expected, strict=True):
+        assert torch.equal(got, want)
