@@ -21,6 +21,7 @@ from .imtl_g import IMTLG, IMTLGOptions
 from .mgda import MGDA, MGDAOptions
 from .nash_mtl import NashMTL, NashMTLOptions
 from .pcgrad import PCGrad, PCGradOptions
+from .replay_bias import ReplayBias, ReplayBiasOptions
 from .rlw import RLW, RLWOptions
 from .task_norm import TaskNorm, TaskNormOptions
 from .upgrad import UPGrad, UPGradOptions
@@ -50,6 +51,8 @@ __all__ = [
     "PCGradOptions",
     "RLW",
     "RLWOptions",
+    "ReplayBias",
+    "ReplayBiasOptions",
     "TaskNorm",
     "TaskNormOptions",
     "UPGrad",
@@ -59,6 +62,7 @@ __all__ = [
 BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (
     TaskNorm,
     BalancedDPO,
+    ReplayBias,
     PCGrad,
     IMTLG,
     AlignedMTL,
