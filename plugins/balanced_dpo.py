@@ -34,7 +34,15 @@ the push-down instead of amplifying the pull-up, so steps get smaller, never lar
 This is a gradient reweighting with the ratio detached; AdaDPO's loss form
 ``−log σ(β f s_w − β s_l)`` also changes ``σ(−u)`` and is *not* what this rule does.
 Zero-probability pairs: ``π_l = 0 < π_w`` gives the chosen factor ``C`` (rejected ``1/C``);
-``π_w = 0 < π_l`` gives chosen ``0`` (rejected ``C``); ``π_w = π_l = 0`` gives ``1``.
+``π_w = 0 < π_l`` gives chosen ``floor`` (rejected ``C``); ``π_w = π_l = 0`` gives ``1``.
+
+``floor`` (default 0, the formula as stated) bounds the chosen factor from below. Without it,
+a pair the model ranks the wrong way (``π_w ≪ π_l``, common with summed log-probs of long
+sequences, which differ by tens of nats) loses its chosen pull-up entirely, exactly where it is
+needed; ``examples/dpo_imbalance.py`` shows runs destabilised by it. ``floor = 1/C`` or token-mean
+log-probs (``sequence_logprobs(..., reduction="mean")``, as AdaDPO reportedly uses) avoid that.
+With ``"prob"`` the gradient is rescaled inside the backward pass, so ``last_stats.norms`` (and
+the ``chosen_norm``/``rejected_norm`` metrics) are those of the rescaled groups.
 
 Both rules record, per step, the mean tapped chosen and rejected log-probabilities (rows that
 received a gradient) and, for ``"prob"``, the mean factor; :meth:`BalancedDPO.metrics` gives
@@ -80,6 +88,7 @@ class BalancedDPOOptions(PluginOptions):
     beta: float = Field(0.0, ge=0.0, lt=1.0, description="norm rule: EMA factor of the two norms (0: this step's).")
     clip: float = Field(2.0, gt=0.0, description="prob rule: C in min(C, π_w/π_l).")
     side: Literal["chosen", "rejected"] = Field("chosen", description="prob rule: the side that is rescaled.")
+    floor: float = Field(0.0, ge=0.0, le=1.0, description="prob rule, side chosen: lower bound of the factor.")
 
 
 class BalancedDPO(Plugin):
@@ -172,7 +181,7 @@ class BalancedDPO(Plugin):
         diff = logp_w - logp_l  # log(π_w/π_l); +inf when π_l = 0, nan when both are 0
         log_clip = math.log(self.options.clip)
         if self.options.side == "chosen":
-            factor = torch.exp(diff.clamp(max=log_clip))
+            factor = torch.exp(diff.clamp(max=log_clip)).clamp_min(self.options.floor)
         else:
             factor = torch.exp((-diff).clamp(min=-log_clip, max=log_clip))
         paired = has_w & has_l

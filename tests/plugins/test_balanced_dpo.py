@@ -154,6 +154,16 @@ def test_prob_rule_zero_probability_pairs_are_finite():
     assert torch.isfinite(gl).all() and gl.tolist() == [0.5, 2.0, 1.0, 1.0]
 
 
+def test_prob_rule_floor_bounds_the_chosen_factor_from_below():
+    logp_w = torch.tensor([-30.0, -1.0, float("-inf")], dtype=torch.float64)
+    logp_l = torch.tensor([-1.0, -30.0, -2.0], dtype=torch.float64)
+    up = (torch.full((3,), -1.0, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    gw, _ = _tap_grad(BalancedDPO(rule="prob", clip=2.0, floor=0.5), logp_w, logp_l, up)
+    assert gw.tolist() == [-0.5, -2.0, -0.5]
+    gw, _ = _tap_grad(BalancedDPO(rule="prob", clip=2.0), logp_w, logp_l, up)
+    assert gw.tolist() == [-math.exp(-29.0), -2.0, -0.0]
+
+
 def test_prob_rule_with_an_empty_side_leaves_the_gradient_alone():
     plugin = BalancedDPO(rule="prob")
     theta = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
