@@ -246,8 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seeds", type=int, default=5, help="number of seeds (default 5)")
     parser.add_argument("--quick", action="store_true", help="2 seeds: a smoke run")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--json", type=Path, default=Path("docs/continual-results.json"))
-    parser.add_argument("--plot", type=Path, default=Path("docs/continual-accuracy.png"))
+    parser.add_argument("--json", type=Path, default=Path("online-continual/results.json"))
+    parser.add_argument("--plot", type=Path, default=Path("online-continual/accuracy.png"))
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # a tiny MLP: threads only add synchronisation
     seeds = range(2 if args.quick else args.seeds)
