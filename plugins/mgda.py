@@ -1,0 +1,68 @@
+"""``mgda``: the min-norm point of the convex hull of the group gradients (Désidéri 2012; Sener & Koltun 2018)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from balancer import GroupStats, Plugin, PluginOptions, State
+
+from ._gram import weighted_gram
+from ._qp import min_norm_point
+
+__all__ = ["MGDA", "MGDAOptions"]
+
+
+class MGDAOptions(PluginOptions):
+    """Options of :class:`MGDA`."""
+
+    normalization: Literal["none", "l2", "loss", "loss+"] = Field(
+        "none",
+        description="Divide g_i by 1 ('none'), ‖g_i‖ ('l2'), the group's loss ('loss') or both ('loss+') "
+        "before taking the min-norm point (Sener & Koltun's gradient normalisations).",
+    )
+
+
+class MGDA(Plugin):
+    """Multiple-gradient descent: the min-norm element of the convex hull of the gradients (Désidéri 2012).
+
+    Désidéri, *Multiple-gradient descent algorithm (MGDA) for multiobjective optimization*
+    (Comptes Rendus Mathématique 350, 2012); Sener and Koltun, *Multi-Task Learning as
+    Multi-Objective Optimization* (NeurIPS 2018), which adds the gradient normalisations. The
+    update is the point of the convex hull of the (normalised) gradients ``ĝ_i = g_i / n_i``
+    closest to the origin, a direction that decreases every group's loss unless the point is 0
+    (Pareto stationarity). With ``Ĝ = N⁻¹ G N⁻¹``::
+
+        α = argmin_{α ≥ 0, Σ α = 1} αᵀ Ĝ α,     a_i = α_i / n_i,     direction  Σ_i a_i g_i
+
+    ``n_i`` is 1, ``‖g_i‖``, the loss ``L_i`` or ``L_i ‖g_i‖`` (option ``normalization``); a
+    factor that is zero or not finite (a zero gradient, a loss not passed to ``opt.backward``)
+    counts as 1. ``α`` is exact (an interior-point solve polished on its support, see
+    ``plugins/_qp.py``); when 0 is in the hull (opposite gradients, or a zero gradient, which
+    then takes all the weight) the direction is 0 to rounding. With incoming weights ``w`` the
+    hull of the ``w_i g_i`` is used and ``w * a`` is returned.
+
+    Example::
+
+        opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=[("mgda", {"normalization": "l2"})])
+    """
+
+    name = "mgda"
+    version = "1"
+    Options = MGDAOptions
+    options: MGDAOptions
+
+    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
+        gram = weighted_gram(stats.gram, weights)
+        norm = self.options.normalization
+        factor = torch.ones_like(weights)
+        if norm in ("l2", "loss+"):
+            factor = factor * gram.diagonal().clamp_min(0.0).sqrt()
+        if norm in ("loss", "loss+"):
+            factor = factor * stats.losses.to(factor)
+        factor = torch.where(torch.isfinite(factor) & (factor > 0), factor, 1.0)
+        alpha = min_norm_point(gram / (factor[:, None] * factor[None, :]))
+        return weights * alpha / factor, state

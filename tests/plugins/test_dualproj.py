@@ -1,0 +1,105 @@
+"""dualproj (Quinton & Rey 2024): the projection of the mean on explicit vectors, torchjd 0.18, a real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from balancer import Balancer, ConfigError, GroupStats
+from balancer.plugins import DualProj
+from balancer.testing import check_plugin
+
+f64 = torch.float64
+
+
+def _reference(a):
+    """argmin ‖x - mean(a)‖ subject to a x ≥ 0, in the parameter space."""
+    an, g = a.numpy(), a.mean(0).numpy()
+    res = minimize(
+        lambda x: 0.5 * ((x - g) ** 2).sum(),
+        g,
+        jac=lambda x: x - g,
+        constraints={"type": "ineq", "fun": lambda x: an @ x, "jac": lambda x: an},
+        method="SLSQP",
+        options={"ftol": 1e-16, "maxiter": 1000},
+    )
+    return torch.from_numpy(res.x)
+
+
+def _direction(plugin, a, incoming=None):
+    k = a.shape[0]
+    w, _ = plugin.update(GroupStats.from_gram(a @ a.T), torch.ones(k, dtype=f64) if incoming is None else incoming, {})
+    return w, w @ a
+
+
+def _cases():
+    gen = torch.Generator().manual_seed(4)
+    g, h = torch.randn(2, 7, generator=gen, dtype=f64)
+    yield "random", torch.randn(5, 7, generator=gen, dtype=f64)
+    yield "rank-deficient", torch.randn(5, 2, generator=gen, dtype=f64) @ torch.randn(2, 7, generator=gen, dtype=f64)
+    yield "collinear", torch.stack([g, 3 * g, 0.1 * g])
+    yield "opposite", torch.stack([g, -g, h])
+    yield "zero row", torch.stack([g, torch.zeros_like(g), h])
+    yield "k=1", g[None]
+    yield "badly scaled", torch.stack([g * 1e-6, h, (g - h) * 1e5])
+
+
+@pytest.mark.parametrize(("name", "a"), list(_cases()), ids=[n for n, _ in _cases()])
+def test_direction_is_the_projected_mean(name, a):
+    w, d = _direction(DualProj(), a)
+    assert torch.isfinite(w).all()
+    torch.testing.assert_close(d, _reference(a), rtol=1e-6, atol=1e-7 * a.norm(dim=1).max())
+    assert (a @ d >= -1e-9 * a.norm() ** 2).all()
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_equals_torchjd(torchjd_aggregation, seed):
+    """Same reg_eps convention as torchjd's default projector (1e-4 on the trace-normalised Gram)."""
+    from torchjd._linalg import QuadprogProjector
+
+    gen = torch.Generator().manual_seed(seed)
+    k = 2 + seed
+    a = torch.randn(k, 3 * k, generator=gen, dtype=f64)
+    torch.testing.assert_close(
+        _direction(DualProj(reg_eps=1e-4), a)[1], torchjd_aggregation.DualProj()(a), rtol=1e-5, atol=0
+    )
+    ref = torchjd_aggregation.DualProj(projector=QuadprogProjector(norm_eps=0.0, reg_eps=0.0))(a)
+    torch.testing.assert_close(_direction(DualProj(), a)[1], ref, rtol=1e-5, atol=0)
+    weights = torchjd_aggregation.DualProjWeighting()(a @ a.T)
+    torch.testing.assert_close(_direction(DualProj(reg_eps=1e-4), a)[0], weights, rtol=1e-5, atol=1e-8)
+
+
+def test_incoming_weights_compose():
+    a = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=f64)
+    v = torch.tensor([2.0, 0.5, 1.5], dtype=f64)
+    _, d = _direction(DualProj(), a, incoming=v)
+    torch.testing.assert_close(d, _reference(v[:, None] * a), rtol=1e-6, atol=1e-9)
+
+
+def test_real_model_update_is_lr_times_direction(make_model, make_batches, group_loss):
+    model = make_model(dtype=f64)
+    params = list(model.parameters())
+    before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+    losses = {name: group_loss(model, batch) for name, batch in make_batches(dtype=f64).items()}
+    grads = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+            for loss in losses.values()
+        ]
+    )
+    opt = Balancer(torch.optim.SGD(params, lr=0.05), plugins=["dualproj"])
+    opt.backward(losses)
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for p in params])
+    torch.testing.assert_close(before - after, 0.05 * _reference(grads), rtol=1e-6, atol=1e-9)
+
+
+def test_conformance():
+    check_plugin(DualProj())
+
+
+@pytest.mark.parametrize("options", [{"reg_eps": -1.0}, {"pref_vector": [1, 2]}])
+def test_bad_options_are_refused(options, model):
+    with pytest.raises(ConfigError, match="plugins.0.options"):
+        Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=[("dualproj", options)])

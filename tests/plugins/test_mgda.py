@@ -1,0 +1,183 @@
+"""mgda (Désidéri 2012; Sener & Koltun 2018): the min-norm point on explicit vectors, torchjd, LibMTL, a real model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from balancer import Balancer, ConfigError, GroupStats
+from balancer.plugins import MGDA
+from balancer.testing import check_plugin
+
+f64 = torch.float64
+
+
+def _reference(a):
+    """The point of the convex hull of the rows of a closest to 0, by SLSQP on the explicit vectors."""
+    an = a.numpy()
+    k = an.shape[0]
+    res = minimize(
+        lambda w: ((w @ an) ** 2).sum(),
+        np.full(k, 1.0 / k),
+        jac=lambda w: 2 * an @ (w @ an),
+        bounds=[(0, 1)] * k,
+        constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
+        method="SLSQP",
+        options={"ftol": 1e-16, "maxiter": 1000},
+    )
+    return torch.from_numpy(res.x @ an)
+
+
+def _direction(plugin, a, incoming=None, losses=None):
+    k = a.shape[0]
+    stats = GroupStats.from_gram(a @ a.T, losses=losses)
+    w, _ = plugin.update(stats, torch.ones(k, dtype=f64) if incoming is None else incoming, {})
+    return w, w @ a
+
+
+def _cases():
+    gen = torch.Generator().manual_seed(5)
+    g, h = torch.randn(2, 7, generator=gen, dtype=f64)
+    yield "random", torch.randn(5, 9, generator=gen, dtype=f64)
+    yield "rank-deficient", torch.randn(5, 2, generator=gen, dtype=f64) @ torch.randn(2, 7, generator=gen, dtype=f64)
+    yield "collinear", torch.stack([g, 3 * g, 0.1 * g])
+    yield "k=1", g[None]
+    yield "badly scaled", torch.stack([g * 1e-3, h, (g - h) * 1e3])
+
+
+@pytest.mark.parametrize(("name", "a"), list(_cases()), ids=[n for n, _ in _cases()])
+def test_direction_is_the_min_norm_point(name, a):
+    w, d = _direction(MGDA(), a)
+    assert torch.isfinite(w).all() and abs(w.sum().item() - 1) < 1e-9 and (w >= 0).all()
+    # d is the min-norm point of the hull iff g_iᵀd ≥ ‖d‖² for every i (an exact characterisation).
+    assert (a @ d >= (d @ d) - 1e-10 * a.norm(dim=1).max() ** 2).all()
+    ref = _reference(a)
+    assert d.norm() <= ref.norm() * (1 + 1e-9)
+    if name != "badly scaled":  # SLSQP itself fails there (off by 1e2); the optimality test above holds
+        torch.testing.assert_close(d, ref, rtol=1e-6, atol=1e-8 * a.norm(dim=1).max())
+
+
+@pytest.mark.parametrize(
+    "a",
+    [
+        torch.tensor([[1.0, 2.0], [-1.0, -2.0], [0.5, -3.0]], dtype=f64),  # opposite pair: 0 in the hull
+        torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.5, -3.0]], dtype=f64),  # zero gradient
+        torch.tensor([[1e-12, 0.0], [0.0, 1.0], [1e12, 1e12]], dtype=f64),  # norms 1e±12
+    ],
+)
+def test_pareto_stationary_and_extreme_cases(a):
+    w, d = _direction(MGDA(), a)
+    assert torch.isfinite(w).all()
+    assert d.norm() <= 1e-9 * a.norm(dim=1).min().clamp_min(1e-12) + 1e-11
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_equals_torchjd_with_two_groups(torchjd_aggregation, seed):
+    """With 2 groups torchjd's Frank-Wolfe step is an exact line search over the whole hull."""
+    a = torch.randn(2, 8, generator=torch.Generator().manual_seed(seed), dtype=f64)
+    _, d = _direction(MGDA(), a)
+    torch.testing.assert_close(d, torchjd_aggregation.MGDA()(a), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        _direction(MGDA(), a)[0], torchjd_aggregation.MGDAWeighting()(a @ a.T), rtol=1e-5, atol=0
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_never_worse_than_torchjd(torchjd_aggregation, seed):
+    """With more groups torchjd's Frank-Wolfe (epsilon=1e-3, at most 100 steps, and it cannot take weight
+    off a vertex) stops short: measured up to ~1e-2 relative from the optimum, which is why equality to
+    1e-5 is not asserted. Its point is never closer to 0 than ours, and is close to it."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(3 + seed % 4, 8, generator=gen, dtype=f64)
+    _, d = _direction(MGDA(), a)
+    ref = torchjd_aggregation.MGDA()(a)
+    assert d.norm() <= ref.norm() * (1 + 1e-12)
+    assert (d - ref).norm() <= 0.15 * d.norm()  # measured: up to 0.097 with its defaults
+    tight = torchjd_aggregation.MGDA(epsilon=1e-15, max_iters=100_000)(a)
+    assert (d - tight).norm() <= 1e-3 * d.norm()  # measured: up to 4.6e-4 (Frank-Wolfe is sublinear)
+
+
+def _libmtl_direction(libmtl, a, losses, ntype):
+    """LibMTL's MGDA internals on a prepared gradient matrix (its backward needs a whole model)."""
+    mgda = libmtl.MGDA()
+    mgda.device = torch.device("cpu")
+    grads = mgda._gradient_normalizers(a.float(), losses.float(), ntype=ntype)  # its solver is float32-only
+    sol = mgda._find_min_norm_element(grads)
+    return sol.to(f64) @ grads.to(f64)
+
+
+@pytest.mark.parametrize("ntype", ["none", "l2", "loss", "loss+"])
+@pytest.mark.parametrize("seed", range(4))
+def test_equals_libmtl(libmtl, ntype, seed):
+    """LibMTL 1.1.5 works in float32 and stops when the step is below 1e-5: equal to ~1e-5. Two
+    differences avoided here: with 2 groups it clamps the weight to [0.001, 0.999] (the exact answer
+    may be 0 or 1), and when it does not converge in 250 steps it returns None."""
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(3 + seed, 10, generator=gen, dtype=f64)
+    losses = torch.rand(a.shape[0], generator=gen, dtype=f64) + 0.5
+    _, d = _direction(MGDA(normalization=ntype), a, losses=losses)
+    ref = _libmtl_direction(libmtl, a, losses, ntype)
+    assert d.norm() <= ref.norm() * (1 + 1e-6)
+    factor = {"none": 1, "l2": a.norm(dim=1), "loss": losses, "loss+": losses * a.norm(dim=1)}[ntype]
+    normalised = a / torch.as_tensor(factor, dtype=f64).reshape(-1, 1)
+    if (normalised @ ref >= ref @ ref * (1 - 1e-4)).all():  # LibMTL converged (it did not for seed 2, loss+)
+        assert (d - ref).norm() <= 2e-4 * d.norm()  # measured: 6e-6 to 8.5e-5
+
+
+def test_libmtl_nan_cases_are_finite_here(libmtl):
+    """LibMTL's 'l2' normalisation divides a zero gradient by 0 (NaN); here the factor counts as 1."""
+    a = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.0, 3.0, 1.0]], dtype=f64)
+    ones = torch.ones(3, dtype=f64)
+    with np.errstate(all="ignore"):
+        assert torch.isnan(libmtl.MGDA()._gradient_normalizers(a.float(), ones.float(), ntype="l2")).any()
+    w, d = _direction(MGDA(normalization="l2"), a)
+    assert torch.isfinite(w).all() and d.norm() < 1e-12
+
+
+def test_normalizations_follow_the_formula():
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(4, 6, generator=gen, dtype=f64)
+    losses = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=f64)
+    for name, n in [("l2", a.norm(dim=1)), ("loss", losses), ("loss+", losses * a.norm(dim=1))]:
+        _, d = _direction(MGDA(normalization=name), a, losses=losses)
+        torch.testing.assert_close(d, _reference(a / n[:, None]), rtol=1e-6, atol=1e-9)
+    _, d_nan = _direction(MGDA(normalization="loss"), a)  # losses unknown (nan): no loss normalisation
+    torch.testing.assert_close(d_nan, _reference(a), rtol=1e-6, atol=1e-9)
+
+
+def test_incoming_weights_compose():
+    a = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=f64)
+    v = torch.tensor([2.0, 0.5, 1.5], dtype=f64)
+    _, d = _direction(MGDA(), a, incoming=v)
+    torch.testing.assert_close(d, _reference(v[:, None] * a), rtol=1e-6, atol=1e-9)
+
+
+def test_real_model_update_is_lr_times_direction(make_model, make_batches, group_loss):
+    model = make_model(dtype=f64)
+    params = list(model.parameters())
+    before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+    losses = {name: group_loss(model, batch) for name, batch in make_batches(dtype=f64).items()}
+    grads = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+            for loss in losses.values()
+        ]
+    )
+    opt = Balancer(torch.optim.SGD(params, lr=0.05), plugins=["mgda"])
+    opt.backward(losses)
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for p in params])
+    torch.testing.assert_close(before - after, 0.05 * _reference(grads), rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("options", [{}, {"normalization": "l2"}, {"normalization": "loss+"}])
+def test_conformance(options):
+    check_plugin(MGDA(options))
+
+
+@pytest.mark.parametrize("options", [{"normalization": "l1"}, {"epsilon": 1e-3}])
+def test_bad_options_are_refused(options, model):
+    with pytest.raises(ConfigError, match="plugins.0.options"):
+        Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=[("mgda", options)])

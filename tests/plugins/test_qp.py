@@ -1,0 +1,132 @@
+"""plugins/_qp.py: the batched nonnegative-QP solver against scipy and against its KKT conditions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.optimize import minimize, nnls
+
+from balancer.plugins._qp import kkt_residual, min_norm_point, solve_nonneg_qp
+from balancer.testing import _no_host_sync
+
+f64 = torch.float64
+
+
+def _random_problem(seed, k, n, spread=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    scales = 10.0 ** (torch.rand(k, 1, generator=gen, dtype=f64) * 2 * spread - spread)
+    a = torch.randn(k, n, generator=gen, dtype=f64) * scales
+    return a, a @ a.T
+
+
+def _nnls_reference(gram, linear):
+    """min ½xᵀGx + qᵀx, x ≥ 0 as least squares: G = LLᵀ gives ½‖Lᵀx + L⁻¹q‖² + const."""
+    chol = np.linalg.cholesky(gram)
+    return nnls(chol.T, -np.linalg.solve(chol, linear), maxiter=10_000)[0]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_matches_nnls_on_positive_definite_problems(seed):
+    k = 2 + seed % 15
+    a, gram = _random_problem(seed, k, k + 5, spread=1.5)
+    linear = torch.randn(k, generator=torch.Generator().manual_seed(seed), dtype=f64) * gram.diagonal().sqrt()
+    x = solve_nonneg_qp(gram, linear)
+    ref = _nnls_reference(gram.numpy(), linear.numpy())
+    np.testing.assert_allclose(x.numpy(), ref, rtol=1e-8, atol=1e-10 * np.abs(ref).max())
+    assert kkt_residual(gram, linear, x).item() < 1e-12
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_batched_projections_match_one_by_one_and_kkt(seed):
+    k = 3 + seed
+    _, gram = _random_problem(seed, k, 2 * k, spread=3.0)
+    batched = solve_nonneg_qp(gram, gram)  # UPGrad's k problems
+    for i in range(k):
+        single = solve_nonneg_qp(gram, gram[i])
+        torch.testing.assert_close(batched[i], single, rtol=1e-12, atol=1e-14)
+    assert kkt_residual(gram.expand(k, k, k), gram, batched).max().item() < 1e-10
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_min_norm_point_matches_slsqp(seed):
+    k = 2 + seed
+    a, gram = _random_problem(seed, k, 3 * k)
+    w = min_norm_point(gram)
+    ref = minimize(
+        lambda v: v @ gram.numpy() @ v,
+        np.full(k, 1.0 / k),
+        jac=lambda v: 2 * gram.numpy() @ v,
+        bounds=[(0, 1)] * k,
+        constraints={"type": "eq", "fun": lambda v: v.sum() - 1},
+        method="SLSQP",
+        options={"ftol": 1e-16, "maxiter": 1000},
+    ).x
+    assert abs(w.sum().item() - 1) < 1e-12 and (w >= 0).all()
+    assert (w @ gram @ w).item() <= ref @ gram.numpy() @ ref * (1 + 1e-10)
+    torch.testing.assert_close(w @ a, torch.from_numpy(ref) @ a, rtol=1e-6, atol=1e-9)
+
+
+def _adversarial():
+    gen = torch.Generator().manual_seed(7)
+    g = torch.randn(1, 6, generator=gen, dtype=f64)
+    other = torch.randn(1, 6, generator=gen, dtype=f64)
+    yield "k=1", g
+    yield "duplicated", torch.cat([g, g, other])
+    yield "opposite", torch.cat([g, -g])
+    yield "opposite+1", torch.cat([g, -g, other])
+    yield "zero row", torch.cat([g, torch.zeros_like(g), other])
+    yield "all zero", torch.zeros(3, 6, dtype=f64)
+    yield "rank 2", torch.randn(6, 2, generator=gen, dtype=f64)
+    yield "collinear", g * torch.tensor([[1.0], [2.0], [0.5]], dtype=f64)
+    yield "norms 1e±12", torch.randn(4, 6, generator=gen, dtype=f64) * torch.tensor([[1e-12], [1], [1e12], [3]])
+
+
+@pytest.mark.parametrize(("name", "a"), list(_adversarial()), ids=[n for n, _ in _adversarial()])
+def test_adversarial_problems_are_finite_and_accurate(name, a):
+    gram = a @ a.T
+    k = gram.shape[0]
+    x = solve_nonneg_qp(gram, gram)
+    assert torch.isfinite(x).all()
+    # Singular problems lose the exact polishing step; the interior point is still good to ~1e-9.
+    assert kkt_residual(gram.expand(k, k, k), gram, x).max().item() < 1e-8
+    w = min_norm_point(gram)
+    assert torch.isfinite(w).all() and abs(w.sum().item() - 1) < 1e-9
+    norms = a.norm(dim=1)
+    assert (w @ a).norm() <= norms.min() * (1 + 1e-9) + 1e-12
+
+
+def test_min_norm_point_of_opposite_and_tiny_gradients():
+    g = torch.tensor([[1.0, 2.0, 0.0]], dtype=f64)
+    torch.testing.assert_close(
+        min_norm_point(torch.cat([g, -3 * g]) @ torch.cat([g, -3 * g]).T), torch.tensor([0.75, 0.25], dtype=f64)
+    )
+    a = torch.tensor([[1e-12, 0.0], [0.0, 1.0], [1.0, 1.0]], dtype=f64)
+    torch.testing.assert_close(min_norm_point(a @ a.T), torch.tensor([1.0, 0.0, 0.0], dtype=f64), atol=1e-11, rtol=0)
+
+
+def test_no_host_sync_and_stays_on_device():
+    _, gram = _random_problem(0, 5, 8)
+    with _no_host_sync("qp"):
+        x = solve_nonneg_qp(gram, gram)
+        w = min_norm_point(gram)
+    assert x.device == gram.device and w.dtype == f64
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    k=st.integers(1, 12),
+    extra=st.integers(-3, 6),
+    seed=st.integers(0, 2**31 - 1),
+    spread=st.floats(0.0, 6.0),
+)
+def test_kkt_conditions_hold(k, extra, seed, spread):
+    """x ≥ 0, ∇ = Gx + q ≥ 0 and x ∘ ∇ = 0, for PSD G of any rank and q = G u (bounded problems)."""
+    _, gram = _random_problem(seed, k, max(1, k + extra), spread=spread)
+    u = torch.randn(k, generator=torch.Generator().manual_seed(seed), dtype=f64)
+    linear = gram @ u
+    x = solve_nonneg_qp(gram, linear)
+    assert (x >= 0).all() and torch.isfinite(x).all()
+    assert kkt_residual(gram, linear, x).item() < 1e-8

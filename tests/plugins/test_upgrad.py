@@ -1,0 +1,125 @@
+"""upgrad (Quinton & Rey 2024): the paper's projection on explicit vectors, torchjd 0.18, a real model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.optimize import minimize
+
+from balancer import Balancer, ConfigError, GroupStats
+from balancer.plugins import UPGrad
+from balancer.testing import check_plugin
+
+f64 = torch.float64
+
+
+def _project_onto_dual_cone(a, g):
+    """argmin ‖x - g‖ subject to a x ≥ 0, solved in the parameter space (the definition, not the Gram dual)."""
+    a, g = a.numpy(), g.numpy()
+    res = minimize(
+        lambda x: 0.5 * ((x - g) ** 2).sum(),
+        g,
+        jac=lambda x: x - g,
+        constraints={"type": "ineq", "fun": lambda x: a @ x, "jac": lambda x: a},
+        method="SLSQP",
+        options={"ftol": 1e-16, "maxiter": 1000},
+    )
+    return torch.from_numpy(res.x)
+
+
+def _reference(a):
+    return torch.stack([_project_onto_dual_cone(a, g) for g in a]).mean(0)
+
+
+def _direction(plugin, a, incoming=None):
+    k = a.shape[0]
+    w, _ = plugin.update(GroupStats.from_gram(a @ a.T), torch.ones(k, dtype=f64) if incoming is None else incoming, {})
+    return w, w @ a
+
+
+def _cases():
+    gen = torch.Generator().manual_seed(3)
+    g, h = torch.randn(2, 7, generator=gen, dtype=f64)
+    yield "random", torch.randn(4, 7, generator=gen, dtype=f64)
+    yield "rank-deficient", torch.randn(5, 2, generator=gen, dtype=f64) @ torch.randn(2, 7, generator=gen, dtype=f64)
+    yield "collinear", torch.stack([g, 3 * g, 0.1 * g])
+    yield "opposite", torch.stack([g, -g, h])
+    yield "zero row", torch.stack([g, torch.zeros_like(g), h])
+    yield "k=1", g[None]
+    yield "badly scaled", torch.stack([g * 1e-6, h, (g - h) * 1e5])
+
+
+@pytest.mark.parametrize(("name", "a"), list(_cases()), ids=[n for n, _ in _cases()])
+def test_direction_is_the_mean_of_the_projections(name, a):
+    w, d = _direction(UPGrad(), a)
+    assert torch.isfinite(w).all()
+    ref = _reference(a)
+    torch.testing.assert_close(d, ref, rtol=1e-6, atol=1e-7 * a.norm(dim=1).max())
+    assert (a @ d >= -1e-9 * a.norm() ** 2).all()  # conflicts with no group
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_equals_torchjd(torchjd_aggregation, seed):
+    """torchjd's default projector adds reg_eps=1e-4 to the trace-normalised Gram (and zeroes it below
+    a trace of norm_eps=1e-4): `reg_eps=1e-4` reproduces it; with reg_eps=0 both solve the exact projection."""
+    from torchjd._linalg import QuadprogProjector
+
+    gen = torch.Generator().manual_seed(seed)
+    k = 2 + seed
+    a = torch.randn(k, 3 * k, generator=gen, dtype=f64) * (1 + 3 * torch.rand(k, 1, generator=gen, dtype=f64))
+    _, d = _direction(UPGrad(reg_eps=1e-4), a)
+    torch.testing.assert_close(d, torchjd_aggregation.UPGrad()(a), rtol=1e-5, atol=0)
+    _, exact = _direction(UPGrad(), a)
+    ref = torchjd_aggregation.UPGrad(projector=QuadprogProjector(norm_eps=0.0, reg_eps=0.0))(a)
+    torch.testing.assert_close(exact, ref, rtol=1e-5, atol=0)
+    weights = torchjd_aggregation.UPGradWeighting()(a @ a.T)
+    torch.testing.assert_close(_direction(UPGrad(reg_eps=1e-4), a)[0], weights, rtol=1e-5, atol=1e-8)
+
+
+def test_scale_invariant_unlike_torchjd_norm_eps(torchjd_aggregation):
+    a = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=f64)
+    w1, _ = _direction(UPGrad(), a)
+    w2, _ = _direction(UPGrad(), a * 1e-8)
+    torch.testing.assert_close(w1, w2, rtol=1e-10, atol=0)
+    # torchjd zeroes Grams whose trace is below 1e-4 and then returns the plain mean.
+    torch.testing.assert_close(
+        torchjd_aggregation.UPGradWeighting()((a * 1e-4) @ (a * 1e-4).T), torch.full((3,), 1 / 3, dtype=f64)
+    )
+
+
+def test_incoming_weights_compose():
+    a = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=f64)
+    v = torch.tensor([2.0, 0.5, 1.5], dtype=f64)
+    w, d = _direction(UPGrad(), a, incoming=v)
+    torch.testing.assert_close(d, _reference(v[:, None] * a), rtol=1e-6, atol=1e-9)
+
+
+def test_real_model_update_is_lr_times_direction(make_model, make_batches, group_loss):
+    model = make_model(dtype=f64)
+    batches = make_batches(dtype=f64)
+    lr = 0.05
+    params = list(model.parameters())
+    before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+    losses = {name: group_loss(model, batch) for name, batch in batches.items()}
+    grads = torch.stack(
+        [
+            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
+            for loss in losses.values()
+        ]
+    )
+    opt = Balancer(torch.optim.SGD(params, lr=lr), plugins=["upgrad"])
+    opt.backward(losses)
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for p in params])
+    torch.testing.assert_close(before - after, lr * _reference(grads), rtol=1e-6, atol=1e-9)
+
+
+def test_conformance():
+    check_plugin(UPGrad())
+    check_plugin(UPGrad(reg_eps=1e-4))
+
+
+@pytest.mark.parametrize("options", [{"reg_eps": -1.0}, {"reg_eps": 2.0}, {"pref": 1}])
+def test_bad_options_are_refused(options, model):
+    with pytest.raises(ConfigError, match="plugins.0.options"):
+        Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=[("upgrad", options)])
