@@ -58,6 +58,7 @@ QUICK = {"widths": [32, 64, 10], "batch": 8, "ks": [2], "warmup": 1, "iters": 3,
 # -- worker side (under torchrun) ------------------------------------------------------------
 def _engine(cfg: dict, k: int, run: str):
     import torch
+
     from balancer.integrations.deepspeed import initialize
 
     torch.manual_seed(0)

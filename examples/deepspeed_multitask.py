@@ -27,6 +27,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed
 import torch
 import torch.distributed as dist
+
 from balancer.integrations.deepspeed import initialize
 
 TASKS = {"quiet": 0.1, "medium": 1.0, "loud": 10.0}  # target scale of each task
