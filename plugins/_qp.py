@@ -13,7 +13,9 @@ needs a value on the host:
 
 1. a primal-dual interior-point method (Mehrotra's predictor-corrector: ``iters`` Newton steps
    on ``G + Z X⁻¹``, one Cholesky factorisation each); a problem whose residuals fall below
-   ``1e-14`` stops moving (``torch.where``), so surplus iterations are harmless;
+   ``1e-14`` stops moving (``torch.where``), so surplus iterations are harmless; on the CPU,
+   where reading a value is free, the loop ends as soon as every problem has stopped or its
+   polished point (stage 2) is already exact;
 2. polishing: the support ``{i : x_i > z_i}`` read off the interior point fixes the active set,
    and one linear solve of the equality-constrained problem on it gives the exact solution. It
    replaces the interior point only where it is finite and its KKT residual is not larger.
@@ -45,6 +47,7 @@ ITERATIONS = 30
 _JITTER = 1e-13  # added to the Newton matrix only (not to the problem): keeps Cholesky defined
 _STOP = 1e-14  # residual below which a problem stops moving
 _TO_BOUNDARY = 0.995  # fraction of the step to the boundary of the positive orthant
+_SOLVED = 1e-13  # relative KKT residual at which a polished point counts as the exact optimum (CPU early exit)
 
 
 def trace_normalised(gram: Tensor) -> Tensor:
@@ -76,6 +79,7 @@ def _interior_point(gram: Tensor, linear: Tensor, iters: int) -> tuple[Tensor, T
     x = torch.ones_like(linear)
     z = torch.ones_like(linear)
     eye = torch.eye(linear.shape[-1], dtype=gram.dtype, device=gram.device)
+    on_cpu = gram.device.type == "cpu"
     for _ in range(iters):
         r_dual = _matvec(gram, x) + linear - z
         mu = (x * z).mean(-1, keepdim=True)
@@ -96,7 +100,21 @@ def _interior_point(gram: Tensor, linear: Tensor, iters: int) -> tuple[Tensor, T
         ok = moving & (new_x > 0).all(-1, keepdim=True) & (new_z > 0).all(-1, keepdim=True)
         ok = ok & torch.isfinite(new_x).all(-1, keepdim=True) & torch.isfinite(new_z).all(-1, keepdim=True)
         x, z = torch.where(ok, new_x, x), torch.where(ok, new_z, z)
+        if on_cpu and _solved_on_cpu(gram, linear, x, z, moving):
+            break
     return x, z
+
+
+def _solved_on_cpu(gram: Tensor, linear: Tensor, x: Tensor, z: Tensor, moving: Tensor) -> bool:
+    """Whether every problem is done: none moves, or polishing on the current support already
+    gives the exact optimum. Used on the CPU only, where reading a value costs nothing (on an
+    accelerator it would be a host sync, and the loop runs its fixed count). Read through numpy,
+    not ``Tensor.__bool__``, so that ``check_plugin``'s sync trap still sees every read that would
+    be a sync on an accelerator."""
+    if not moving.numpy().any():
+        return True
+    polished = _polish(gram, linear, x > z)
+    return bool((kkt_residual(gram, linear, polished) <= _SOLVED).numpy().all())
 
 
 def _polish(gram: Tensor, linear: Tensor, support: Tensor) -> Tensor:
