@@ -11,14 +11,19 @@ DualProj); the simplex problem of MGDA is one of them after a change of variable
 CAGrad a grid) in float64, in two stages and a fixed amount of work, so that no decision ever
 needs a value on the host:
 
+0. for ``k ≤ ENUMERATE_UP_TO`` (6): the KKT equalities solved on all ``2^k − 1`` supports in one
+   batched solve, keeping the feasible candidate of least objective: exact, and one call
+   instead of thirty iterations. Problems where that candidate's KKT residual is not at
+   rounding level (degenerate ones) go through stages 1 and 2;
 1. a primal-dual interior-point method (Mehrotra's predictor-corrector: ``iters`` Newton steps
    on ``G + Z X⁻¹``, one Cholesky factorisation each); a problem whose residuals fall below
    ``1e-14`` stops moving (``torch.where``), so surplus iterations are harmless; on the CPU,
-   where reading a value is free, the loop ends as soon as every problem has stopped or its
-   polished point (stage 2) is already exact;
+   where reading a value is free, the loop ends as soon as every problem has stopped;
 2. polishing: the support ``{i : x_i > z_i}`` read off the interior point fixes the active set,
-   and one linear solve of the equality-constrained problem on it gives the exact solution. It
-   replaces the interior point only where it is finite and its KKT residual is not larger.
+   and one linear solve of the equality-constrained problem on it gives the exact solution; two
+   more rounds correct the support (drop variables that came out negative, add those with a
+   negative gradient). A solve replaces the point only where it is finite and its KKT residual
+   is not larger.
 
 The problem is solved after a Jacobi scaling ``x = D⁻¹u`` (nonnegativity is invariant under it)
 and with ``q`` divided by ``max|q|`` (the solution is linear in ``q``), so groups whose gradient
@@ -39,7 +44,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ITERATIONS", "kkt_residual", "min_norm_point", "solve_nonneg_qp", "trace_normalised"]
+__all__ = ["ENUMERATE_UP_TO", "ITERATIONS", "kkt_residual", "min_norm_point", "solve_nonneg_qp", "trace_normalised"]
+
+ENUMERATE_UP_TO = 6
+"""Up to this many variables every support is tried in one batched solve (exact, fixed cost);
+above it, or where that candidate is not exact (degenerate problems), the interior point runs."""
 
 ITERATIONS = 30
 """Interior-point steps per solve: Mehrotra's method needs 10-25 on these problem sizes."""
@@ -47,7 +56,8 @@ ITERATIONS = 30
 _JITTER = 1e-13  # added to the Newton matrix only (not to the problem): keeps Cholesky defined
 _STOP = 1e-14  # residual below which a problem stops moving
 _TO_BOUNDARY = 0.995  # fraction of the step to the boundary of the positive orthant
-_SOLVED = 1e-13  # relative KKT residual at which a polished point counts as the exact optimum (CPU early exit)
+_POLISH_ROUNDS = 3  # exact solves on the interior point's support, then on active-set corrections of it
+_SOLVED = 1e-13  # relative KKT residual below which an enumerated candidate is taken as the optimum
 
 
 def trace_normalised(gram: Tensor) -> Tensor:
@@ -100,21 +110,41 @@ def _interior_point(gram: Tensor, linear: Tensor, iters: int) -> tuple[Tensor, T
         ok = moving & (new_x > 0).all(-1, keepdim=True) & (new_z > 0).all(-1, keepdim=True)
         ok = ok & torch.isfinite(new_x).all(-1, keepdim=True) & torch.isfinite(new_z).all(-1, keepdim=True)
         x, z = torch.where(ok, new_x, x), torch.where(ok, new_z, z)
-        if on_cpu and _solved_on_cpu(gram, linear, x, z, moving):
-            break
+        if on_cpu and not _any_on_cpu(moving):
+            break  # nothing moves any more: the remaining iterations would change nothing
     return x, z
 
 
-def _solved_on_cpu(gram: Tensor, linear: Tensor, x: Tensor, z: Tensor, moving: Tensor) -> bool:
-    """Whether every problem is done: none moves, or polishing on the current support already
-    gives the exact optimum. Used on the CPU only, where reading a value costs nothing (on an
-    accelerator it would be a host sync, and the loop runs its fixed count). Read through numpy,
-    not ``Tensor.__bool__``, so that ``check_plugin``'s sync trap still sees every read that would
-    be a sync on an accelerator."""
-    if not moving.numpy().any():
-        return True
-    polished = _polish(gram, linear, x > z)
-    return bool((kkt_residual(gram, linear, polished) <= _SOLVED).numpy().all())
+def _any_on_cpu(mask: Tensor) -> bool:
+    """``mask.any()`` for a CPU tensor, where reading a value costs nothing (on an accelerator it
+    would be a host sync, and callers run their fixed amount of work instead). Read through
+    numpy, not ``Tensor.__bool__``, so that ``check_plugin``'s sync trap still sees every read
+    that would be a sync on an accelerator."""
+    return bool(mask.numpy().any())
+
+
+def _supports(k: int, device: torch.device) -> Tensor:
+    """``[2^k - 1, k]`` bool: every nonempty subset of the ``k`` variables."""
+    codes = torch.arange(1, 2**k, device=device)
+    return (codes.unsqueeze(-1) >> torch.arange(k, device=device)) & 1 == 1
+
+
+def _enumerate(gram: Tensor, linear: Tensor) -> Tensor:
+    """The exact minimiser for small ``k``: the KKT equalities solved on every support at once
+    (one batched solve), keeping the feasible candidate of least objective. A bounded problem
+    has a minimiser whose support has a nonsingular ``G_SS``, so one candidate is exact."""
+    k = linear.shape[-1]
+    support = _supports(k, gram.device)  # [S, k]
+    eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+    reduced = torch.where(support.unsqueeze(-1) & support.unsqueeze(-2), gram.unsqueeze(-3), eye)
+    x, info = torch.linalg.solve_ex(reduced, torch.where(support, -linear.unsqueeze(-2), 0.0))
+    x = torch.where(support, x, 0.0)
+    grad = _matvec(gram.unsqueeze(-3), x) + linear.unsqueeze(-2)
+    tol = 1e-9 * (gram.abs().amax((-2, -1)) + linear.abs().amax(-1))[..., None, None]
+    feasible = (x >= -tol).all(-1) & (grad >= -tol).all(-1) & torch.isfinite(x).all(-1) & (info == 0)
+    objective = torch.where(feasible, 0.5 * (x * (grad + linear.unsqueeze(-2))).sum(-1), torch.inf)
+    best = objective.argmin(-1, keepdim=True).unsqueeze(-1).expand(*objective.shape[:-1], 1, k)
+    return x.gather(-2, best).squeeze(-2).clamp_min(0.0)
 
 
 def _polish(gram: Tensor, linear: Tensor, support: Tensor) -> Tensor:
@@ -148,11 +178,32 @@ def solve_nonneg_qp(gram: Tensor, linear: Tensor, *, ridge: float = 0.0, iters: 
     size = linear.abs().amax(-1, keepdim=True)
     size = torch.where(size > 0, size, 1.0)
     linear = linear / (scale * size)
-    x, z = _interior_point(gram, linear, iters)
-    polished = _polish(gram, linear, x > z)
-    better = _natural_residual(gram, linear, polished) <= _natural_residual(gram, linear, x)
-    x = torch.where((torch.isfinite(polished).all(-1) & better).unsqueeze(-1), polished, x).clamp_min(0.0)
+    if k <= ENUMERATE_UP_TO:
+        exact = _enumerate(gram, linear)
+        solved = kkt_residual(gram, linear, exact) <= _SOLVED
+        if gram.device.type == "cpu" and not _any_on_cpu(~solved):
+            return exact * size / scale
+        x = torch.where(solved.unsqueeze(-1), exact, _interior_solution(gram, linear, iters))
+    else:
+        x = _interior_solution(gram, linear, iters)
     return x * size / scale
+
+
+def _interior_solution(gram: Tensor, linear: Tensor, iters: int) -> Tensor:
+    x, z = _interior_point(gram, linear, iters)
+    best, best_residual = x, _natural_residual(gram, linear, x)
+    support = x > z
+    for _ in range(_POLISH_ROUNDS):
+        polished = _polish(gram, linear, support)
+        residual = _natural_residual(gram, linear, polished)
+        better = torch.isfinite(polished).all(-1) & (residual <= best_residual)
+        best = torch.where(better.unsqueeze(-1), polished, best)
+        best_residual = torch.where(better, residual, best_residual)
+        # active-set correction: drop variables that came out negative, add those whose
+        # gradient is negative (the interior point may misjudge a variable near the boundary)
+        grad = _matvec(gram, polished) + linear
+        support = torch.where(support, polished > 0, grad < 0)
+    return best.clamp_min(0.0)
 
 
 def min_norm_point(gram: Tensor, *, ridge: float = 1e-12, iters: int = ITERATIONS) -> Tensor:

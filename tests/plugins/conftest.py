@@ -36,3 +36,15 @@ def libmtl():
 def torchjd_aggregation():
     """The ``torchjd.aggregation`` module (torchjd 0.18)."""
     return pytest.importorskip("torchjd.aggregation")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Plugin tests work on k×k matrices: thread start-up costs more than it saves, and on a
+    shared 2-core machine it makes them several times slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
