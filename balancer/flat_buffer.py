@@ -102,8 +102,8 @@ class FlatBuffer:
         if len(self.blocks) > 1:
             capacity = self.capacity
             self.blocks = []
+            self._row_views = {}  # the views would keep the old blocks alive: 2·k·n at the peak
             self.blocks = [torch.empty((capacity, self.n), dtype=self.dtype, device=self.device)]
-            self._row_views = {}
 
     def row_blocks(self, m: int) -> Iterator[tuple[int, Tensor]]:
         """``(first row, block)`` pairs covering rows ``0 .. m-1``."""
