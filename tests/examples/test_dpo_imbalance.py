@@ -15,7 +15,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "dpo_imbalance.py"
 SETTINGS = ("discrete", "autoregressive")
-METHODS = ("dpo", "norm", "prob_chosen", "prob_rejected")
+METHODS = ("dpo", "norm", "prob_chosen", "prob_chosen_floor", "prob_rejected")
 FINAL_KEYS = {
     "logp_chosen",
     "logp_rejected",
@@ -90,7 +90,7 @@ def test_weights_follow_each_rule(run: tuple[str, dict[str, Any], Path]) -> None
     _, results, _ = run
     for setting in SETTINGS:
         runs = results[setting]["runs"]
-        for r in runs["dpo"] + runs["prob_chosen"] + runs["prob_rejected"]:
+        for r in runs["dpo"] + runs["prob_chosen"] + runs["prob_chosen_floor"] + runs["prob_rejected"]:
             assert set(r["grads"]["chosen_weight"]) == set(r["grads"]["rejected_weight"]) == {1.0}
         for r in runs["norm"]:  # alpha = 1, no EMA: equal applied norms every step
             assert r["final"]["grad_ratio_applied"] == pytest.approx(1.0, rel=1e-9)
@@ -111,6 +111,10 @@ def test_only_the_prob_rule_rescales_at_the_taps_and_only_its_side(run: tuple[st
         for r in runs["prob_chosen"]:
             assert _factors(r, "rejected") == (1.0, 1.0)
             assert _factors(r, "chosen")[1] <= 2.0 * (1 + 1e-6)  # min(C, π_w/π_l), C = 2
+        for r in runs["prob_chosen_floor"]:
+            assert _factors(r, "rejected") == (1.0, 1.0)
+            low, high = _factors(r, "chosen")
+            assert low >= 0.5 * (1 - 1e-6) and high <= 2.0 * (1 + 1e-6)  # clamp(π_w/π_l, 1/C, C)
         for r in runs["prob_rejected"]:
             assert _factors(r, "chosen") == (1.0, 1.0)
             assert _factors(r, "rejected") != (1.0, 1.0)
