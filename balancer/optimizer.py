@@ -32,6 +32,7 @@ from .errors import CaptureError, NonFiniteGradientError, NonFiniteGradientWarni
 from .local import LocalBackend
 from .plugin import Plugin, State
 from .registry import Registry, default_registry
+from .sample_groups import SampleGroups
 from .stats import GroupStats
 from .taps import TapHub
 
@@ -73,7 +74,8 @@ class Balancer(torch.optim.Optimizer):
             :class:`~balancer.errors.NonFiniteGradientWarning` (``"zero"``), or the step is refused
             with :class:`~balancer.errors.NonFiniteGradientError` (``"raise"``). Under a
             ``GradScaler`` an overflow skips the whole step instead, as AMP expects.
-        model: optional; if given, every trainable parameter of it must be in ``inner``.
+        model: optional; if given, every trainable parameter of it must be in ``inner``. Needed by
+            :meth:`backward_samples`.
 
     Example::
 
@@ -115,6 +117,7 @@ class Balancer(torch.optim.Optimizer):
         self._captures: dict[str, int] = {}
         self._graph_checked = False
         self._early_gram: Tensor | None = None
+        self._samples = SampleGroups(model, self._backend) if model is not None else None
         self._init_optimizer_machinery()
         self._backend.attach(self)
 
@@ -179,6 +182,11 @@ class Balancer(torch.optim.Optimizer):
     def backend(self) -> Backend:
         return self._backend
 
+    def _source(self) -> Backend:
+        """Where this step's groups live: the backend, or a pending :meth:`backward_samples` capture."""
+        samples = self._samples
+        return samples if samples is not None and samples.names else self._backend
+
     # -- AMP ---------------------------------------------------------------------------------
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -187,10 +195,11 @@ class Balancer(torch.optim.Optimizer):
         # see them: the ungrouped grads go to `.grad` and, if any group is non-finite, a NaN is
         # planted there (no host sync) so that the scaler skips the step and backs off. The
         # scaler then passes `grad_scale`; step() folds 1/scale into the combination.
-        if self._backend.names and self._backend.active is None:
-            self._early_gram = self._backend.gram()
+        source = self._source()
+        if source.names and source.active is None:
+            self._early_gram = source.gram()
             poison = ~torch.isfinite(self._early_gram.diagonal()).all()
-            self._backend.expose_ungrouped(poison)
+            source.expose_ungrouped(poison)
         return True
 
     # -- capture -----------------------------------------------------------------------------
@@ -205,7 +214,7 @@ class Balancer(torch.optim.Optimizer):
                 "Close the first block before opening the next."
             )
         self._early_gram = None
-        self._backend.enter(name)
+        self._source().enter(name)
         self._captures[name] = self._captures.get(name, 0) + 1
         try:
             yield
@@ -233,6 +242,38 @@ class Balancer(torch.optim.Optimizer):
                 self._backend.backward(loss, retain_graph=keep)
             value = loss.detach().reshape(()).to(torch.float64)
             self._losses[name] = self._losses[name] + value if name in self._losses else value
+
+    def backward_samples(self, losses: Tensor, *, group: str | Sequence[str], retain_graph: bool | None = None) -> None:
+        """One backward pass for groups of samples: ``opt.backward_samples(losses, group=row_groups)``.
+
+        Args:
+            losses: ``[B]`` per-sample losses (``reduction="none"``). A group's loss is the sum of
+                its samples' terms: divide by the group's size yourself for a per-group mean.
+            group: one group name per sample, or one name for all.
+            retain_graph: passed to the backward pass.
+
+        The exact group Gram matrix and the weighted update ``Σ_k w_k g_k`` are computed from the
+        ``nn.Linear`` inputs and output gradients of this single backward pass, without any
+        per-group gradient (see :mod:`balancer.sample_groups`); ``step()`` then runs as usual.
+        Needs ``Balancer(..., model=model)`` whose trained parameters all belong to ``nn.Linear``
+        layers, the local backend, and no ``group``/``backward`` capture in the same step. Several
+        calls before ``step()`` accumulate exactly.
+        """
+        if self._samples is None:
+            raise CaptureError("backward_samples needs the model: build the Balancer with `model=model`.")
+        if self._backend.names:
+            raise CaptureError(
+                f"backward_samples cannot be mixed with `opt.group`/`opt.backward` in one step (groups "
+                f"{list(self._backend.names)} are pending). Call step() or zero_grad() first."
+            )
+        self._early_gram = None
+        group = group if isinstance(group, str) else list(group)
+        sums = self._samples.capture(losses, group, retain_graph)
+        names = {group} if isinstance(group, str) else set(group)
+        for i, name in enumerate(self._samples.names):
+            if name in names:
+                self._losses[name] = self._losses[name] + sums[i] if name in self._losses else sums[i]
+                self._captures[name] = self._captures.get(name, 0) + 1
 
     def tap(self, tensor: Tensor, group: str | Sequence[str], labels: Tensor | None = None) -> Tensor:
         """Returns ``tensor`` unchanged; its gradient is shown to the tap plugins (see :mod:`balancer.taps`).
@@ -262,15 +303,16 @@ class Balancer(torch.optim.Optimizer):
             raise CaptureError(f"step() called inside group `{active}`. Call it after the group block.")
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
-        names = self._backend.names
+        source = self._source()
+        names = source.names
         if found_inf is not None and grad_scale is None and names:
             raise CaptureError(
                 "scaler.unscale_(opt) was called before scaler.step(opt): it unscales only the ungrouped "
                 "gradients. Call scaler.step(opt) directly; the Balancer unscales group gradients itself."
             )
-        gram = self._early_gram if self._early_gram is not None else (self._backend.gram() if names else None)
+        gram = self._early_gram if self._early_gram is not None else (source.gram() if names else None)
         self._early_gram = None
-        device = self._backend.stats_device
+        device = source.stats_device
         verdict = read_verdict(gram, found_inf, grad_scale, device)  # the first of at most two host syncs
         if verdict.overflow or (grad_scale is not None and any(verdict.nonfinite)):
             self._taps.discard()
@@ -292,7 +334,8 @@ class Balancer(torch.optim.Optimizer):
     ) -> Any:
         device = gram.device
         nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
-        losses = self._backend.reduce_losses(torch.stack([self._losses.get(n, nan).to(device) for n in names]))
+        source = self._source()
+        losses = source.reduce_losses(torch.stack([self._losses.get(n, nan).to(device) for n in names]))
         calls = tuple(self._captures.get(n, 0) for n in names)
         full = GroupStats(names=names, gram=gram, losses=losses, backward_calls=calls, step=self._step_count)
         self._rows_seen = max(self._rows_seen, len(names))
@@ -304,8 +347,8 @@ class Balancer(torch.optim.Optimizer):
         index = torch.tensor(keep, dtype=torch.long, device=device)
         full_weights = torch.zeros(len(names), dtype=torch.float64, device=device).index_copy(0, index, weights)
         if dropped:
-            self._backend.drop(dropped)
-        self._backend.combine(full_weights, scale=verdict.scale)
+            source.drop(dropped)
+        source.combine(full_weights, scale=verdict.scale)
         self._plugin_states = new_states
         self.last_stats = dataclasses.replace(full, weights=full_weights)
         return self._finish(closure, full_weights)
@@ -329,6 +372,8 @@ class Balancer(torch.optim.Optimizer):
         else:
             result = self._backend.optimizer_step()
         self._backend.end_step()
+        if self._samples is not None:
+            self._samples.end_step()
         self._taps.discard()
         self._losses.clear()
         self._captures.clear()
@@ -344,6 +389,8 @@ class Balancer(torch.optim.Optimizer):
             raise CaptureError(f"zero_grad() called inside group `{active}`. Call it outside group blocks.")
         self._early_gram = None
         self._backend.zero_grad(set_to_none)
+        if self._samples is not None:
+            self._samples.zero_grad(set_to_none)
         self._taps.discard()
         self._losses.clear()
         self._captures.clear()

@@ -264,6 +264,24 @@ class BalancerStep(Method):
             self.balancer.backward({f"t{i}": loss for i, loss in enumerate(losses)})
 
 
+class BalancerSamplesStep(Method):
+    """groups: ``Balancer(Adam, plugins=[aggregator], model=net)``, one forward over the whole batch
+    and ``opt.backward_samples`` of the per-sample losses divided by the group size (so each group's
+    loss is its mean, as in the other methods): one backward pass, no per-group gradient."""
+
+    def __init__(self, data: Data, aggregator: str) -> None:
+        super().__init__(data, aggregator)
+        self.balancer = Balancer(self.inner, plugins=[aggregator], model=self.net)
+        self.opt = self.balancer
+        self.rows = data.cfg.batch // K
+        self.groups = [f"g{i}" for i in range(K) for _ in range(self.rows)]
+
+    def backward(self) -> None:
+        logits = self.net.heads[0](self.net.trunk(self.data.x))
+        per_sample = cross_entropy(logits, self.data.y.flatten(), reduction="none")
+        self.balancer.backward_samples(per_sample / self.rows, group=self.groups)
+
+
 class TorchjdStep(Method):
     """torchjd's documented path; ``all_params`` forces ``autojac.backward`` on every parameter."""
 
@@ -338,6 +356,7 @@ class PtoStep(Method):
 Factory = Callable[[Data, str], Method]
 METHODS: dict[str, Factory] = {
     "balancer": BalancerStep,
+    "balancer-samples": BalancerSamplesStep,
     "torchjd": TorchjdStep,
     "torchjd-gramopt": lambda data, agg: TorchjdStep(data, agg, gramopt=True),
     "libmtl": LibmtlStep,
@@ -345,8 +364,8 @@ METHODS: dict[str, Factory] = {
 }
 
 
-def methods_of(aggregator: str) -> list[str]:
-    names = ["balancer", "torchjd", "torchjd-gramopt"]
+def methods_of(aggregator: str, scenario: str) -> list[str]:
+    names = ["balancer"] + (["balancer-samples"] if scenario == "groups" else []) + ["torchjd", "torchjd-gramopt"]
     names += ["libmtl"] if aggregator in ("mgda", "pcgrad") else []
     names += ["pto"] if aggregator == "pcgrad" else []
     return names
@@ -360,7 +379,7 @@ def build(data: Data, key: tuple[str, str]) -> Method:
 
 def all_keys(data: Data) -> list[tuple[str, str]]:
     baselines = [("-", "sum")] + ([("-", "sum-groups")] if data.scenario == "groups" else [])
-    return baselines + [(agg, m) for agg in AGGREGATORS for m in methods_of(agg)]
+    return baselines + [(agg, m) for agg in AGGREGATORS for m in methods_of(agg, data.scenario)]
 
 
 # -- check ---------------------------------------------------------------------------------------
@@ -444,7 +463,7 @@ def trunk_only(data: Data, method: str) -> bool:
 def tolerance(aggregator: str, method: str) -> float:
     # torchjd's MGDA (Frank-Wolfe, stops once a step is < 1e-3) and LibMTL's MGDA (its own
     # projected iteration) stop early; every other method is exact up to float32 rounding.
-    return 1e-2 if aggregator == "mgda" and method != "balancer" else 1e-4
+    return 1e-2 if aggregator == "mgda" and method not in ("balancer", "balancer-samples") else 1e-4
 
 
 def check(data: Data, methods: dict[Key, Method]) -> bool:
@@ -456,7 +475,7 @@ def check(data: Data, methods: dict[Key, Method]) -> bool:
     print(f"check: first-step gradient handed to Adam, relative L2 difference; {conflicting} conflicting pairs")
     ok = True
     for agg in AGGREGATORS:
-        grads = {m: methods[(agg, m)].first_gradient() for m in methods_of(agg)}
+        grads = {m: methods[(agg, m)].first_gradient() for m in methods_of(agg, data.scenario)}
         if data.scenario == "heads" and agg == "upgrad":
             full = TorchjdStep(data, agg, all_params=True).first_gradient()
         for m, grad in grads.items():
@@ -574,6 +593,22 @@ def report(data: Data, n: int, samples: dict[Key, list[StepTime]], peaks: dict[K
             f"{agg:<7} {' '.join(cells)} {fb:>8.2f} {balance:>8.2f} {peak:>7.3f}  "
             f"time {verdict(time_ok)}, memory {verdict(peak <= MEMORY_TARGET)}"
         )
+    if data.scenario == "groups":
+        print("\nbalancer-samples (one forward, one backward_samples) time / method time; target as above")
+        print(
+            f"{'agg':<7} {'/sum':>6} {'/torchjd':>9} {'/balancer':>10} {'fwd+bwd':>8} {'balance':>8} "
+            f"{'extra':>7}  verdicts"
+        )
+        for agg in AGGREGATORS:
+            key = (agg, "balancer-samples")
+            own = median_ms(samples[key])
+            torchjd = max(own / median_ms(samples[(agg, m)]) for m in ("torchjd", "torchjd-gramopt"))
+            peak = extra(key)[0]
+            print(
+                f"{agg:<7} {own / base:>5.2f}x {torchjd:>8.2f}x {own / median_ms(samples[(agg, 'balancer')]):>9.2f}x "
+                f"{median_ms(samples[key], 'forward_backward'):>8.2f} {median_ms(samples[key], 'balance'):>8.2f} "
+                f"{peak:>7.3f}  time {verdict(own / base <= GROUPS_TARGET)}, memory {verdict(peak <= MEMORY_TARGET)}"
+            )
 
 
 def target_text(data: Data) -> str:
