@@ -25,10 +25,11 @@ skips the weight gradients entirely; no module hook is registered. Memory: ``X``
 every layer call are held until ``step()`` (about the activations of the linear layers).
 
 Requirements, checked: every trained parameter is the weight or bias of an ``nn.Linear``, used
-only as a linear layer (``F.linear``); the batch dimension leads each layer's input (not
-checked: ``[T, B, d]`` inputs would give wrong groups). Not supported: layers that couple
-samples inside a group's loss (BatchNorm in training mode: its per-sample gradient has no such
-closed form), ``nn.Embedding``, convolutions, norms with parameters, distributed backends.
+only as a linear layer (``F.linear``); the batch dimension leads each layer's input (a
+``[T, B, d]`` layout is refused when ``T ≠ B``; with ``T = B`` it cannot be told apart). Not
+supported: layers that couple samples inside a group's loss (BatchNorm in training mode: its
+per-sample gradient has no such closed form), ``nn.Embedding``, convolutions, norms with
+parameters, distributed backends.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class SampleGroups(Backend):
         self._chunks: dict[int, tuple[Tensor, str, list[_Chunk]]] = {}
         self._device = torch.device("cpu")
         self._poison: tuple[Tensor, Tensor] | None = None
+        self._batch = 0
 
     @property
     def optimizer(self) -> Any:
@@ -111,25 +113,39 @@ class SampleGroups(Backend):
 
     def _layers(self, root: Any, owners: dict[int, tuple[str, str]]) -> list[tuple[Any, list[tuple[Tensor, str, Any]]]]:
         """Walks the graph once: ``(node, [(param, role, saved input)])`` for every linear node."""
-        found, seen, stack, foreign = [], {}, [root], []
+        found, seen, stack, foreign = [], {}, [(root, None)], []
         while stack:
-            node = stack.pop()
+            node, parent = stack.pop()
             if node is None or id(node) in seen:
                 continue
             seen[id(node)] = node  # keeps the wrapper alive, so ids are not reused during the walk
             uses, claimed = self._recognise(node, owners)
             if uses:
                 found.append((node, uses))
+                self._check_batch_first(parent)
             variable = getattr(node, "variable", None)
             if variable is not None and variable.requires_grad:
                 foreign.append(owners.get(id(variable), (f"a tensor of shape {tuple(variable.shape)}", ""))[0])
-            stack.extend(nxt for i, (nxt, _) in enumerate(node.next_functions) if i not in claimed)
+            stack.extend((nxt, node) for i, (nxt, _) in enumerate(node.next_functions) if i not in claimed)
         if foreign:
             raise CaptureError(
                 f"backward_samples: {sorted(set(foreign))} receive gradient outside an nn.Linear call (weight "
                 "tying, a penalty on the weights, an input that requires grad...). Only F.linear uses are supported."
             )
         return found
+
+    def _check_batch_first(self, parent: Any) -> None:
+        """A ``[B, T, d]`` input reaches ``mm`` flattened, and the view back to ``[B, T, d_out]`` is
+        the layer's parent node: its leading size must be the batch (a ``[T, B, d]`` layout would
+        silently mix samples)."""
+        if type(parent).__name__ not in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
+            return
+        shape = tuple(parent._input_metadata[0].shape)
+        if len(shape) > 2 and shape[0] != self._batch:
+            raise CaptureError(
+                f"backward_samples: a linear layer's output has shape {shape} for {self._batch} samples. The "
+                "batch dimension must lead every layer's input ([B, d] or [B, T, d]); transpose [T, B, d] inputs."
+            )
 
     @staticmethod
     def _recognise(node: Any, owners: dict[int, tuple[str, str]]) -> tuple[list[tuple[Tensor, str, Any]], set[int]]:
@@ -178,6 +194,7 @@ class SampleGroups(Backend):
                 self._names.append(name)
         index = [self._names.index(n) for n in names]
         owners = self._owners()
+        self._batch = batch
         total = losses.sum()
         layers = self._layers(total.grad_fn, owners)
         edges = [GradientEdge(node, 0) for node, _ in layers]

@@ -359,3 +359,14 @@ def test_grad_scaler_folds_the_scale():
     torch.testing.assert_close(opts[1].last_stats.norms, opts[0].last_stats.norms, rtol=1e-5, atol=0)
     for a, b in zip(*(m.parameters() for m in models), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_sequence_first_layout_is_refused():
+    """[T, B, d] inputs flatten to T·B rows like [B, T, d] ones; the layer's output view tells them apart."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)  # T = 5 steps of B = 2 samples
+    losses = model(x).pow(2).sum((0, 2))  # [B]
+    with pytest.raises(CaptureError, match=r"shape \(5, 2, \d\) for 2 samples.*batch dimension must lead"):
+        opt.backward_samples(losses, group=["a", "b"])
