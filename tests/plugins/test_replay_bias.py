@@ -13,7 +13,7 @@ from balancer import Balancer, ConfigError, PluginError
 from balancer.plugins import ReplayBias
 from balancer.plugins.replay_bias import class_bias
 from balancer.taps import TapEvent
-from balancer.testing import check_plugin
+from balancer.testing import check_plugin, tap_event
 
 INF = float("inf")
 
@@ -291,8 +291,15 @@ def test_bad_options_are_refused(options):
         _leaf_opt([("replay_bias", options)])
 
 
-def test_conformance_of_the_pass_through_update():
-    check_plugin(ReplayBias())
+def test_conformance_of_the_pass_through_update_and_the_tap():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 1, 3, 4, 0])
+    groups = ["current", "replay", "current", "replay", "replay", "current"]
+    grad = logits.softmax(1) - torch.nn.functional.one_hot(labels, 5)
+    events = [tap_event(logits, groups, labels, grad), tap_event(logits[:3] * 2, groups[:3], labels[:3], grad[:3])]
+    check_plugin(ReplayBias(), tap_events=events)
+    check_plugin(ReplayBias(warmup=0, groups=("replay",)), tap_events=events)
     state = ReplayBias().init()
     buffer = io.BytesIO()
     torch.save(state, buffer)
