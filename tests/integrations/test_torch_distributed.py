@@ -13,7 +13,7 @@ STEPS = 3
 GROUPS = {"small": 0.1, "mid": 1.0, "large": 30.0}  # gradient scales differ by 300x
 
 RANK_SCRIPT = """
-import json, sys, torch, torch.distributed as dist
+import json, os, sys, torch, torch.distributed as dist
 from pathlib import Path
 from balancer import Balancer, CaptureError, GroupMismatchError
 
@@ -59,7 +59,9 @@ try:
         opt.zero_grad()
 except (GroupMismatchError, CaptureError) as exc:
     (out / f"error{{rank}}.txt").write_text(str(exc))
-    sys.exit(0)
+    # Leave at once: every rank raised the same error, and tearing down DDP's reducer and gloo
+    # after an aborted step can abort the process in C++ destructors ("terminate called...").
+    os._exit(0)
 params = [p.full_tensor() if hasattr(p, "full_tensor") else p.detach() for p in model.parameters()]
 torch.save([p.detach().clone() for p in params], out / f"params{{rank}}.pt")
 (out / f"weights{{rank}}.json").write_text(json.dumps(opt.last_stats.weights.tolist()))
