@@ -4,7 +4,8 @@ Every built-in plugin passes it. The checks, each failing with an ``AssertionErr
 which property broke and on what input:
 
 - weights are a finite ``[k]`` tensor for zero, tiny (1e-30), unit and huge (1e30) gradient norms,
-  and when one group's gradient is zero;
+  when one group's gradient is zero, for an opposite pair, a duplicated gradient and norms
+  spread from 1e-12 to 1e12;
 - ``update`` does not synchronise with the device (no ``.item()``, ``bool()``, ``float()``,
   ``.tolist()`` on tensors) and does not modify the state it is given;
 - permutation equivariance: permuting the groups permutes the weights the same way;
@@ -140,6 +141,21 @@ def _check_scales(plugin: Plugin, k: int, steps: int, seed: int) -> None:
         return
     single = random_stats(1, seed=seed)
     _update(plugin, single, plugin.init())
+    for gram in _adversarial_grams(k, seed):
+        _update(plugin, GroupStats.from_gram(gram, base.names, losses=base.losses), plugin.init())
+
+
+def _adversarial_grams(k: int, seed: int) -> list[Tensor]:
+    """Gram matrices of degenerate gradient sets: an opposite pair, a duplicated gradient (rank
+    deficient), and norms spread from 1e-12 to 1e12."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    grads = torch.randn(k, 16, generator=gen, dtype=torch.float64)
+    opposite = grads.clone()
+    opposite[1] = -opposite[0]
+    duplicated = grads.clone()
+    duplicated[1] = 3.0 * duplicated[0]
+    spread = grads * torch.logspace(-12, 12, k, dtype=torch.float64)[:, None]
+    return [g @ g.T for g in (opposite, duplicated, spread)]
 
 
 def _check_permutation(plugin: Plugin, k: int, steps: int, seed: int, rtol: float) -> None:

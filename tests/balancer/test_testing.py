@@ -149,3 +149,13 @@ def test_check_plugin_accepts_a_good_tap_plugin():
 def test_check_plugin_catches_tap_plugins_breaking_the_rules(plugin, message):
     with pytest.raises(AssertionError, match=message):
         check_plugin(plugin, tap_events=_events())
+
+
+class _ByCombinedNorm(_Base):
+    def update(self, stats, weights, state):
+        return weights / stats.gram.sum().sqrt(), state  # inf when the gradients cancel out
+
+
+def test_check_plugin_tries_degenerate_gradient_sets():
+    with pytest.raises(AssertionError, match="non-finite weights"):
+        check_plugin(_ByCombinedNorm(), num_groups=2)
