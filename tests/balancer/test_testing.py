@@ -153,7 +153,9 @@ def test_check_plugin_catches_tap_plugins_breaking_the_rules(plugin, message):
 
 class _ByCombinedNorm(_Base):
     def update(self, stats, weights, state):
-        return weights / stats.gram.sum().sqrt(), state  # inf when the gradients cancel out
+        trace = stats.gram.trace()
+        ratio = torch.where(trace > 0, stats.gram.sum() / torch.where(trace > 0, trace, 1.0), 1.0)
+        return weights / ratio, state  # scale-free, finite for zero gradients; inf when they cancel out
 
 
 def test_check_plugin_tries_degenerate_gradient_sets():
