@@ -44,7 +44,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ENUMERATE_UP_TO", "ITERATIONS", "kkt_residual", "min_norm_point", "solve_nonneg_qp", "trace_normalised"]
+__all__ = [
+    "ENUMERATE_UP_TO",
+    "ITERATIONS",
+    "any_on_cpu",
+    "kkt_residual",
+    "min_norm_point",
+    "solve_nonneg_qp",
+    "trace_normalised",
+]
 
 ENUMERATE_UP_TO = 6
 """Up to this many variables every support is tried in one batched solve (exact, fixed cost);
@@ -110,12 +118,12 @@ def _interior_point(gram: Tensor, linear: Tensor, iters: int) -> tuple[Tensor, T
         ok = moving & (new_x > 0).all(-1, keepdim=True) & (new_z > 0).all(-1, keepdim=True)
         ok = ok & torch.isfinite(new_x).all(-1, keepdim=True) & torch.isfinite(new_z).all(-1, keepdim=True)
         x, z = torch.where(ok, new_x, x), torch.where(ok, new_z, z)
-        if on_cpu and not _any_on_cpu(moving):
+        if on_cpu and not any_on_cpu(moving):
             break  # nothing moves any more: the remaining iterations would change nothing
     return x, z
 
 
-def _any_on_cpu(mask: Tensor) -> bool:
+def any_on_cpu(mask: Tensor) -> bool:
     """``mask.any()`` for a CPU tensor, where reading a value costs nothing (on an accelerator it
     would be a host sync, and callers run their fixed amount of work instead). Read through
     numpy, not ``Tensor.__bool__``, so that ``check_plugin``'s sync trap still sees every read
@@ -181,7 +189,7 @@ def solve_nonneg_qp(gram: Tensor, linear: Tensor, *, ridge: float = 0.0, iters: 
     if k <= ENUMERATE_UP_TO:
         exact = _enumerate(gram, linear)
         solved = kkt_residual(gram, linear, exact) <= _SOLVED
-        if gram.device.type == "cpu" and not _any_on_cpu(~solved):
+        if gram.device.type == "cpu" and not any_on_cpu(~solved):
             return exact * size / scale
         x = torch.where(solved.unsqueeze(-1), exact, _interior_solution(gram, linear, iters))
     else:

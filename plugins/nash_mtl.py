@@ -9,10 +9,12 @@ from torch import Tensor
 from balancer import GroupStats, Plugin, PluginOptions, State
 
 from ._gram import weighted_gram
+from ._qp import any_on_cpu
 
 __all__ = ["NashMTL", "NashMTLOptions"]
 
 _RIDGE = 1e-10  # relative ridge: keeps the problem bounded when 0 is in the hull of the gradients
+_CONVERGED = 1e-13  # Newton decrement below which the CPU loop stops early
 
 
 class NashMTLOptions(PluginOptions):
@@ -28,13 +30,14 @@ class NashMTLOptions(PluginOptions):
 def solve_nash(gram: Tensor, start: Tensor, iters: int) -> Tensor:
     """``α > 0`` with ``(G α)_i = 1/α_i`` (groups with a zero gradient get ``α_i = 0``).
 
-    ``start`` is the previous solution (``nan`` where there is none).
+        ``start`` is the previous solution (``nan`` where there is none).
 
-    ``α`` minimises the self-concordant ``½ αᵀGα − Σ log α_i``; damped Newton steps
-    ``α += Δ / (1 + λ)`` (``λ`` the Newton decrement) stay positive and converge quadratically
-    near the solution, so a fixed count needs no line search and no host sync. The problem is
-    solved for ``β = D α`` with ``D = diag(√G_ii)``: the solution is equivariant under scaling a
-    group (``α_i ∝ 1/‖g_i‖``), so the correlation matrix ``D⁻¹ G D⁻¹`` is all it needs.
+        ``α`` minimises the self-concordant ``½ αᵀGα − Σ log α_i``; damped Newton steps
+        ``α += Δ / (1 + λ)`` (``λ`` the Newton decrement) stay positive and converge quadratically
+        near the solution, so a fixed count needs no line search and no host sync (on the CPU, where
+    reading a value is free, the loop stops once the decrement is at rounding level). The problem is
+        solved for ``β = D α`` with ``D = diag(√G_ii)``: the solution is equivariant under scaling a
+        group (``α_i ∝ 1/‖g_i‖``), so the correlation matrix ``D⁻¹ G D⁻¹`` is all it needs.
     """
     diag = gram.diagonal()
     live = diag > 0
@@ -44,6 +47,7 @@ def solve_nash(gram: Tensor, start: Tensor, iters: int) -> Tensor:
     corr = torch.where(both, gram / (scale[:, None] * scale[None, :]), eye) + _RIDGE * eye
     beta = torch.where(live & (start > 0), start * scale, 1.0)  # nan > 0 is False
     beta = beta * (gram.shape[0] / (beta @ corr @ beta)).sqrt()  # best multiple of the start
+    on_cpu = gram.device.type == "cpu"
     for _ in range(iters):
         grad = corr @ beta - 1.0 / beta
         chol, _ = torch.linalg.cholesky_ex(corr + torch.diag(1.0 / (beta * beta)))
@@ -51,6 +55,8 @@ def solve_nash(gram: Tensor, start: Tensor, iters: int) -> Tensor:
         decrement = (-(grad * step).sum()).clamp_min(0.0).sqrt()
         new = beta + step / (1.0 + decrement)
         beta = torch.where(torch.isfinite(new).all() & (new > 0).all(), new, beta)
+        if on_cpu and not any_on_cpu(decrement > _CONVERGED):
+            break  # quadratic convergence reached rounding level; the rest would not move β
     return torch.where(live, beta / scale, 0.0)
 
 
