@@ -370,3 +370,42 @@ def test_a_sequence_first_layout_is_refused():
     losses = model(x).pow(2).sum((0, 2))  # [B]
     with pytest.raises(CaptureError, match=r"shape \(5, 2, \d\) for 2 samples.*batch dimension must lead"):
         opt.backward_samples(losses, group=["a", "b"])
+
+
+class _Heads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.trunk = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 7), nn.ReLU())
+        self.heads = nn.ModuleList(nn.Linear(7, 2) for _ in range(3))
+
+
+@pytest.mark.parametrize("seq", [None, 2])
+def test_one_call_per_task_on_a_shared_trunk_equals_the_per_task_groups(path, seq):
+    """Several calls on one forward share each trunk layer's saved input: the Gram uses it once per
+    family of calls, and must still equal the per-task reference (and the combination too)."""
+    x, _ = _data(10, seq, d_in=6)
+    targets = [torch.randn(10, generator=torch.Generator().manual_seed(t), dtype=torch.float64) for t in range(3)]
+
+    def task_losses(model):
+        features = model.trunk(x)
+        outs = [head(features).reshape(10, -1).sum(1) for head in model.heads]
+        return [(out - y) ** 2 for out, y in zip(outs, targets, strict=True)]
+
+    ref_model, model = _Heads().double(), _Heads().double()
+    ref = Balancer(torch.optim.SGD(ref_model.parameters(), lr=1.0), plugins=["upgrad"])
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=1.0), plugins=["upgrad"], model=model)
+
+    def per_task():
+        ref.backward({f"t{t}": loss.sum() for t, loss in enumerate(task_losses(ref_model))})
+        ref.step()
+
+    def samples():
+        losses = task_losses(model)
+        for t, loss in enumerate(losses):
+            opt.backward_samples(loss, group=f"t{t}", retain_graph=t < len(losses) - 1)
+        opt.step()
+
+    want, got = _sgd_update(ref_model, per_task), _sgd_update(model, samples)
+    torch.testing.assert_close(opt.last_stats.gram, ref.last_stats.gram, **TOL)
+    torch.testing.assert_close(got, want, **TOL)
