@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer import GroupStats, Plugin, State
 
+from ._dual_cone import DualConeOptions, project_onto_dual_cone
 from ._gram import weighted_gram
-from ._qp import solve_nonneg_qp, trace_normalised
 
 __all__ = ["DualProj", "DualProjOptions"]
 
 
-class DualProjOptions(PluginOptions):
+class DualProjOptions(DualConeOptions):
     """Options of :class:`DualProj`."""
-
-    reg_eps: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
-        description="Adds reg_eps·I to the trace-normalised Gram before projecting (torchjd uses 1e-4); "
-        "0 projects exactly.",
-    )
 
 
 class DualProj(Plugin):
@@ -52,9 +43,7 @@ class DualProj(Plugin):
     options: DualProjOptions
 
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
-        gram = trace_normalised(weighted_gram(stats.gram, weights))
+        gram = weighted_gram(stats.gram, weights)
         k = gram.shape[0]
-        gram = gram + self.options.reg_eps * torch.eye(k, dtype=gram.dtype, device=gram.device)
         mean = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
-        shift = solve_nonneg_qp(gram, gram @ mean)
-        return weights * (mean + shift), state
+        return weights * project_onto_dual_cone(gram, mean, self.options.reg_eps), state

@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer import GroupStats, Plugin, State
 
+from ._dual_cone import DualConeOptions, project_onto_dual_cone
 from ._gram import weighted_gram
-from ._qp import solve_nonneg_qp, trace_normalised
 
 __all__ = ["UPGrad", "UPGradOptions"]
 
 
-class UPGradOptions(PluginOptions):
+class UPGradOptions(DualConeOptions):
     """Options of :class:`UPGrad`."""
-
-    reg_eps: float = Field(
-        0.0,
-        ge=0.0,
-        le=1.0,
-        description="Adds reg_eps·I to the trace-normalised Gram before projecting (torchjd uses 1e-4); "
-        "0 projects exactly.",
-    )
 
 
 class UPGrad(Plugin):
@@ -56,9 +47,8 @@ class UPGrad(Plugin):
     options: UPGradOptions
 
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
-        gram = trace_normalised(weighted_gram(stats.gram, weights))
+        gram = weighted_gram(stats.gram, weights)
         k = gram.shape[0]
-        gram = gram + self.options.reg_eps * torch.eye(k, dtype=gram.dtype, device=gram.device)
-        # v_i = e_i + x_i with x_i ≥ 0 minimising ½ xᵀGx + (G e_i)ᵀx: row i of G is problem i's linear term.
-        shifts = solve_nonneg_qp(gram, gram)
-        return weights * (1.0 + shifts.sum(0)) / k, state
+        eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
+        projections = project_onto_dual_cone(gram, eye, self.options.reg_eps)  # row i: v_i, a batch of k QPs
+        return weights * projections.sum(0) / k, state
