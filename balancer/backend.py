@@ -28,7 +28,28 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "NaNFlag"]
+
+
+class NaNFlag:
+    """Plants a NaN into one gradient element when a device-side flag is set, without a host
+    sync, and puts the element back afterwards: how a backend shows ``GradScaler`` group
+    gradients that are not in ``.grad`` (see :meth:`Backend.expose_ungrouped`)."""
+
+    def __init__(self) -> None:
+        self._saved: tuple[Tensor, Tensor] | None = None
+
+    def plant(self, element: Tensor, flag: Tensor) -> None:
+        """``element`` (a one-element view into a ``.grad``) becomes NaN where ``flag`` is true."""
+        self.restore()
+        self._saved = (element, element.clone())
+        element.add_(torch.where(flag.to(element.device), float("nan"), 0.0).to(element.dtype))
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            element, saved = self._saved
+            element.copy_(saved)
+            self._saved = None
 
 
 class Backend(abc.ABC):

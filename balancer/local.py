@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .backend import Backend
+from .backend import Backend, NaNFlag
 from .errors import CaptureError
 from .flat_buffer import FlatBuffer, TensorKind
 
@@ -36,7 +36,7 @@ class LocalBackend(Backend):
         self._buffers: list[FlatBuffer] = []
         self._layout: tuple[int, ...] = ()
         self._fresh = False
-        self._poison: tuple[Tensor, Tensor] | None = None
+        self._poison = NaNFlag()
         self._reserved_rows = 0
 
     def reserve_rows(self, count: int) -> None:
@@ -90,7 +90,7 @@ class LocalBackend(Backend):
     @torch.no_grad()
     def enter(self, name: str) -> None:
         self._agree(f"enter group {name!r}")
-        self._restore_poison()
+        self._poison.restore()
         if not self._names:
             self._sync_layout()
         self._fresh = name not in self._names
@@ -130,16 +130,7 @@ class LocalBackend(Backend):
         if poison is not None and self._buffers and self._buffers[0].n:
             base = self._buffers[0].base
             assert base is not None
-            first = base[:1]
-            self._restore_poison()
-            self._poison = (first, first.clone())
-            first.add_(torch.where(poison.to(first.device), float("nan"), 0.0).to(first.dtype))
-
-    def _restore_poison(self) -> None:
-        if self._poison is not None:
-            target, saved = self._poison
-            target.copy_(saved)
-            self._poison = None
+            self._poison.plant(base[:1], poison)
 
     @torch.no_grad()
     def drop(self, rows: Sequence[int]) -> None:
@@ -149,7 +140,7 @@ class LocalBackend(Backend):
 
     @torch.no_grad()
     def combine(self, weights: Tensor, *, scale: float = 1.0) -> None:
-        self._restore_poison()
+        self._poison.restore()
         m = len(self._names)
         if m == 0:
             if scale != 1.0:
@@ -161,7 +152,7 @@ class LocalBackend(Backend):
             buf.combine(m, weights, scale)
 
     def _clear(self) -> None:
-        self._restore_poison()
+        self._poison.restore()
         self._names = []
         self._active = None
         for buf in self._buffers:

@@ -42,7 +42,7 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from ._checks import check_group_name
-from .backend import Backend
+from .backend import Backend, NaNFlag
 from .errors import CaptureError
 from .local import LocalBackend
 
@@ -71,7 +71,7 @@ class SampleGroups(Backend):
         self._backend = backend
         self._chunks: dict[int, tuple[Tensor, str, list[_Chunk]]] = {}
         self._device = torch.device("cpu")
-        self._poison: tuple[Tensor, Tensor] | None = None
+        self._poison = NaNFlag()
         self._batch = 0
 
     @property
@@ -246,16 +246,7 @@ class SampleGroups(Backend):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if poison is not None and params:
-            self._restore_poison()
-            first = params[0].grad.view(-1)[:1]
-            self._poison = (first, first.clone())
-            first.add_(torch.where(poison.to(first.device), float("nan"), 0.0).to(first.dtype))
-
-    def _restore_poison(self) -> None:
-        if self._poison is not None:
-            target, saved = self._poison
-            target.copy_(saved)
-            self._poison = None
+            self._poison.plant(params[0].grad.view(-1)[:1], poison)
 
     @torch.no_grad()
     def drop(self, rows: Sequence[int]) -> None:
@@ -268,7 +259,7 @@ class SampleGroups(Backend):
 
     @torch.no_grad()
     def combine(self, weights: Tensor, *, scale: float = 1.0) -> None:
-        self._restore_poison()
+        self._poison.restore()
         if scale != 1.0:
             grads = [p.grad for p in self._trained() if p.grad is not None]
             if grads:
@@ -288,7 +279,7 @@ class SampleGroups(Backend):
                 param.grad.add_(update.to(param.dtype))
 
     def end_step(self) -> None:
-        self._restore_poison()
+        self._poison.restore()
         self._names = []
         self._chunks = {}
 
