@@ -174,6 +174,16 @@ def _check_permutation(plugin: Plugin, k: int, steps: int, seed: int, rtol: floa
         )
 
 
+def _round_trip(plugin: Plugin, state: State) -> State:
+    """``state`` through ``torch.save`` and ``torch.load(weights_only=True)``, checked equal."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)
+    assert _equal(loaded, state), f"Plugin `{plugin.name}` state changed in a torch.save/torch.load round trip."
+    return loaded
+
+
 def _check_state(plugin: Plugin, k: int, steps: int, seed: int) -> None:
     state = plugin.init()
     init_shape = _structure(state, deep=False)
@@ -189,11 +199,7 @@ def _check_state(plugin: Plugin, k: int, steps: int, seed: int) -> None:
         assert shapes[t] == shapes[0], (
             f"Plugin `{plugin.name}` state changed structure between updates: {shapes[0]} then {shapes[t]}."
         )
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    assert _equal(loaded, state), f"Plugin `{plugin.name}` state changed in a torch.save/torch.load round trip."
+    loaded = _round_trip(plugin, state)
     nxt = random_stats(k, seed=seed + steps, step=steps)
     w_orig, _ = _update(plugin, nxt, state)
     w_load, _ = _update(plugin, nxt, loaded)
@@ -245,11 +251,7 @@ def _check_taps(plugin: Plugin, events: Sequence[TapEvent], steps: int) -> None:
         assert _structure(state, deep=False) == init_structure, (
             f"Plugin `{plugin.name}` changed its state's keys or types in merge_tap_stats() at step {t}."
         )
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=True)
-    assert _equal(loaded, state), f"Plugin `{plugin.name}` state changed in a torch.save/torch.load round trip."
+    loaded = _round_trip(plugin, state)
     for event in events:
         g_orig, _ = plugin.tap(event, state, plugin.init_tap_stats())
         g_load, _ = plugin.tap(event, loaded, plugin.init_tap_stats())
