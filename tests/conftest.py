@@ -50,3 +50,16 @@ def _make_batches_fixture():
 @pytest.fixture(name="group_loss")
 def _group_loss_fixture():
     return group_loss
+
+
+def group_gradients(losses, params) -> torch.Tensor:
+    """``[k, n]``: row i is the flattened gradient of the i-th loss w.r.t. ``params`` (graph kept)."""
+    params = list(params)
+    return torch.stack(
+        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)]) for loss in losses]
+    )
+
+
+@pytest.fixture(name="group_gradients")
+def _group_gradients_fixture():
+    return group_gradients

@@ -101,16 +101,14 @@ def test_equals_torchjd(torchjd_aggregation, scale_mode, case):
     _close(_weights(grads, scale_mode=scale_mode) @ grads, expected, rtol=1e-5)
 
 
-def test_real_model_update_is_lr_times_the_aligned_mean():
+def test_real_model_update_is_lr_times_the_aligned_mean(group_gradients):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
     xs = [torch.randn(6, 5, dtype=F64) for _ in range(3)]
     opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.2), plugins=[("aligned_mtl", {"scale_mode": "median"})])
     params = list(model.parameters())
     losses = {f"t{i}": model(x).pow(2).mean() * s for i, (x, s) in enumerate(zip(xs, [1.0, 8.0, 0.1], strict=True))}
-    grads = torch.stack(
-        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, params, retain_graph=True)]) for v in losses.values()]
-    )
+    grads = group_gradients(losses.values(), params)
     before = torch.cat([p.detach().reshape(-1) for p in params])
     opt.backward(losses)
     opt.step()

@@ -77,17 +77,12 @@ def test_incoming_weights_compose():
     torch.testing.assert_close(d, _reference(v[:, None] * a), rtol=1e-6, atol=1e-9)
 
 
-def test_real_model_update_is_lr_times_direction(make_model, make_batches, group_loss):
+def test_real_model_update_is_lr_times_direction(make_model, make_batches, group_loss, group_gradients):
     model = make_model(dtype=f64)
     params = list(model.parameters())
     before = torch.cat([p.detach().reshape(-1).clone() for p in params])
     losses = {name: group_loss(model, batch) for name, batch in make_batches(dtype=f64).items()}
-    grads = torch.stack(
-        [
-            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
-            for loss in losses.values()
-        ]
-    )
+    grads = group_gradients(losses.values(), params)
     opt = Balancer(torch.optim.SGD(params, lr=0.05), plugins=["dualproj"])
     opt.backward(losses)
     opt.step()

@@ -123,7 +123,7 @@ def test_history_follows_names_and_new_groups_wait():
     assert state["names"] == ["a", "b", "c"]
 
 
-def test_real_model_weights_follow_the_recorded_losses():
+def test_real_model_weights_follow_the_recorded_losses(group_gradients):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
     data = [(torch.randn(6, 5, dtype=F64), torch.randn(6, 2, dtype=F64) * s) for s in (1.0, 5.0, 0.2)]
@@ -131,12 +131,7 @@ def test_real_model_weights_follow_the_recorded_losses():
     params, recorded = list(model.parameters()), []
     for _ in range(5):
         losses = {f"t{i}": (model(x) - y).pow(2).mean() for i, (x, y) in enumerate(data)}
-        grads = torch.stack(
-            [
-                torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, params, retain_graph=True)])
-                for v in losses.values()
-            ]
-        )
+        grads = group_gradients(losses.values(), params)
         before = torch.cat([p.detach().reshape(-1) for p in params])
         opt.backward(losses)
         opt.step()

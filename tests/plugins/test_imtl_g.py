@@ -166,16 +166,14 @@ def test_zero_gradient_is_nan_in_libmtl_finite_here(libmtl):
     assert torch.isfinite(_weights(grads)).all()
 
 
-def test_real_model_update_is_lr_times_the_impartial_direction():
+def test_real_model_update_is_lr_times_the_impartial_direction(group_gradients):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).double()
     xs = [torch.randn(6, 5, dtype=F64) for _ in range(3)]
     opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["imtl_g"])
     params = list(model.parameters())
     losses = {f"t{i}": model(x).pow(2).mean() * s for i, (x, s) in enumerate(zip(xs, [1.0, 30.0, 0.01], strict=True))}
-    grads = torch.stack(
-        [torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, params, retain_graph=True)]) for v in losses.values()]
-    )
+    grads = group_gradients(losses.values(), params)
     before = torch.cat([p.detach().reshape(-1) for p in params])
     opt.backward(losses)
     opt.step()

@@ -132,18 +132,13 @@ def _step(opt, model, batches, group_loss):
     opt.step()
 
 
-def test_real_model_update_is_lr_times_direction(make_model, make_batches, group_loss):
+def test_real_model_update_is_lr_times_direction(make_model, make_batches, group_loss, group_gradients):
     model = make_model(dtype=f64)
     params = list(model.parameters())
     before = _flat(params)
     batches = make_batches(dtype=f64)
     losses = {name: group_loss(model, batch) for name, batch in batches.items()}
-    grads = torch.stack(
-        [
-            torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)])
-            for loss in losses.values()
-        ]
-    )
+    grads = group_gradients(losses.values(), params)
     opt = Balancer(torch.optim.SGD(params, lr=0.05), plugins=["nash_mtl"])
     opt.backward(losses)
     opt.step()

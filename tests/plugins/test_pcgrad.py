@@ -168,20 +168,14 @@ def _model_losses(model, xs, scales):
     return {f"t{i}": model(x).pow(2).mean() * s for i, (x, s) in enumerate(zip(xs, scales, strict=True))}
 
 
-def _flat_grads(model, losses):
-    params = list(model.parameters())
-    rows = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, params, retain_graph=True)]) for v in losses]
-    return torch.stack(rows)
-
-
-def test_real_model_update_is_lr_times_the_reference_direction():
+def test_real_model_update_is_lr_times_the_reference_direction(group_gradients):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
     xs = [torch.randn(6, 5, dtype=F64) for _ in range(3)]
     opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["pcgrad"])
     for step in range(3):
         losses = _model_losses(model, xs, [1.0, -20.0, 0.05])
-        grads = _flat_grads(model, losses.values())
+        grads = group_gradients(losses.values(), model.parameters())
         before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         opt.backward(losses)
         opt.step()

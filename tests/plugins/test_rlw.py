@@ -79,7 +79,7 @@ def test_incoming_weights_are_multiplied():
     torch.testing.assert_close(w, incoming * _weights(("a", "b", "c")))
 
 
-def test_real_model_update_and_resume():
+def test_real_model_update_and_resume(group_gradients):
     def run(resume_at=None):
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
@@ -92,12 +92,7 @@ def test_real_model_update_and_resume():
                 opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=[("rlw", {"seed": 4})])
                 opt.load_state_dict(saved)
             losses = {f"t{i}": model(x).pow(2).mean() * (i + 1) for i, x in enumerate(xs)}
-            grads = torch.stack(
-                [
-                    torch.cat([g.reshape(-1) for g in torch.autograd.grad(v, params, retain_graph=True)])
-                    for v in losses.values()
-                ]
-            )
+            grads = group_gradients(losses.values(), params)
             before = torch.cat([p.detach().reshape(-1) for p in params])
             opt.backward(losses)
             opt.step()

@@ -22,7 +22,7 @@ def _weights(plugin, norms, state=None, incoming=None):
     return plugin.update(stats, ones if incoming is None else incoming, state or plugin.init())
 
 
-def test_equal_contributions_on_a_real_model_against_float64_reference():
+def test_equal_contributions_on_a_real_model_against_float64_reference(group_gradients):
     """Per-group gradients by autograd.grad in float64; after the step, ‖w_k g_k‖ is the mean norm."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
@@ -30,10 +30,7 @@ def test_equal_contributions_on_a_real_model_against_float64_reference():
     xs = [torch.randn(6, 5, dtype=torch.float64) for _ in range(3)]
     scales = [1.0, 33.0, 0.02]
     losses = {f"t{i}": model(x).pow(2).mean() * s for i, (x, s) in enumerate(zip(xs, scales, strict=True))}
-    grads = [
-        torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(model.parameters()), retain_graph=True)])
-        for loss in losses.values()
-    ]
+    grads = group_gradients(losses.values(), model.parameters())
     opt.backward(losses)
     opt.step()
     norms = torch.stack([g.norm() for g in grads])
