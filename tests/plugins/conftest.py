@@ -48,3 +48,20 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def direction():
+    """``direction(plugin, a, incoming=None, losses=None)``: the weights of the plugin's first update
+    on the gradient rows ``a`` (``[k, n]``) and the direction ``Σ_i w_i a_i`` they give."""
+    import torch
+
+    from balancer import GroupStats
+
+    def run(plugin, a, incoming=None, losses=None):
+        stats = GroupStats.from_gram(a @ a.T, losses=losses)
+        ones = torch.ones(a.shape[0], dtype=a.dtype)
+        weights, _ = plugin.update(stats, ones if incoming is None else incoming, plugin.init())
+        return weights, weights @ a
+
+    return run

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from balancer import Balancer, ConfigError, GroupStats
+from balancer import Balancer, ConfigError
 from balancer.plugins import CAGrad
 from balancer.testing import check_plugin
 
@@ -34,12 +34,6 @@ def _reference(a, c=0.5):
     return torch.from_numpy(res.x[:-1])
 
 
-def _direction(plugin, a, incoming=None):
-    k = a.shape[0]
-    w, _ = plugin.update(GroupStats.from_gram(a @ a.T), torch.ones(k, dtype=f64) if incoming is None else incoming, {})
-    return w, w @ a
-
-
 def _cases():
     gen = torch.Generator().manual_seed(6)
     g, h = torch.randn(2, 7, generator=gen, dtype=f64)
@@ -53,8 +47,8 @@ def _cases():
 
 @pytest.mark.parametrize(("name", "a"), list(_cases()), ids=[n for n, _ in _cases()])
 @pytest.mark.parametrize("c", [0.2, 0.5, 0.9])
-def test_direction_solves_the_max_min_problem(name, a, c):
-    w, d = _direction(CAGrad(c=c, rescale=0), a)
+def test_direction_solves_the_max_min_problem(name, a, c, direction):
+    w, d = direction(CAGrad(c=c, rescale=0), a)
     assert torch.isfinite(w).all()
     ref = _reference(a, c)
     torch.testing.assert_close(d, ref, rtol=1e-6, atol=1e-7 * a.norm(dim=1).max())
@@ -64,31 +58,31 @@ def test_direction_solves_the_max_min_problem(name, a, c):
 
 
 @pytest.mark.parametrize(("rescale", "divisor"), [(0, 1.0), (1, 1.25), (2, 1.5)])
-def test_rescale_and_single_group(rescale, divisor):
+def test_rescale_and_single_group(rescale, divisor, direction):
     g = torch.tensor([[3.0, -1.0, 2.0]], dtype=f64)
-    _, d = _direction(CAGrad(c=0.5, rescale=rescale), g)
+    _, d = direction(CAGrad(c=0.5, rescale=rescale), g)
     torch.testing.assert_close(d, 1.5 * g[0] / divisor)
 
 
-def test_pareto_stationary_cases_are_finite():
+def test_pareto_stationary_cases_are_finite(direction):
     opposite = torch.tensor([[1.0, 2.0], [-1.0, -2.0]], dtype=f64)
-    w, d = _direction(CAGrad(), opposite)
+    w, d = direction(CAGrad(), opposite)
     assert torch.isfinite(w).all() and d.norm() < 1e-12  # g0 = 0, so the ball is a point
     # 0 in the hull but g0 ≠ 0 and a large ball: ‖g_w‖ = 0 at the optimum (torchjd returns 0 here).
     a = torch.tensor([[1.0, 0.0], [-1.0, 0.1], [0.0, 0.05]], dtype=f64)
-    w, d = _direction(CAGrad(c=5.0, rescale=0), a)
+    w, d = direction(CAGrad(c=5.0, rescale=0), a)
     assert torch.isfinite(w).all()
     assert (a @ d).min() >= -1e-9 and (d - a.mean(0)).norm() <= 5.0 * a.mean(0).norm() * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_equals_torchjd(torchjd_aggregation, seed):
+def test_equals_torchjd(torchjd_aggregation, seed, direction):
     """torchjd solves the dual with cvxpy/Clarabel at its default tolerance: measured up to 1e-4 relative
     from the SLSQP reference, which this plugin matches to 1e-8; so the bound here is 3e-4. torchjd has
     no rescale (rescale=0)."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(2 + seed, 12, generator=gen, dtype=f64)
-    _, d = _direction(CAGrad(c=0.5, rescale=0), a)
+    _, d = direction(CAGrad(c=0.5, rescale=0), a)
     ref = torchjd_aggregation.CAGrad(c=0.5)(a)
     assert (d - ref).norm() <= 3e-4 * ref.norm()
     assert (d - _reference(a)).norm() <= (ref - _reference(a)).norm() + 1e-7 * ref.norm()
@@ -108,12 +102,12 @@ def _libmtl_direction(libmtl, a, c, rescale):
 
 @pytest.mark.parametrize("rescale", [0, 1, 2])
 @pytest.mark.parametrize("seed", range(4))
-def test_equals_libmtl(libmtl, seed, rescale):
+def test_equals_libmtl(libmtl, seed, rescale, direction):
     """LibMTL 1.1.5 (3 groups only) runs SLSQP at its default tolerance (ftol 1e-6) with +1e-8 terms and
     float32 weights: measured 4e-9 to 2.3e-4 relative, while this plugin is within 1.5e-8 of the
     tight-tolerance reference. So: 1e-5 where LibMTL's SLSQP converged, and never farther from the reference."""
     a = torch.randn(3, 10, generator=torch.Generator().manual_seed(seed), dtype=f64)
-    _, d = _direction(CAGrad(c=0.5, rescale=rescale), a)
+    _, d = direction(CAGrad(c=0.5, rescale=rescale), a)
     ref = _libmtl_direction(libmtl, a, 0.5, rescale)
     exact = _reference(a) / {0: 1.0, 1: 1.25, 2: 1.5}[rescale]
     assert (d - exact).norm() <= 1e-7 * exact.norm()
@@ -121,18 +115,18 @@ def test_equals_libmtl(libmtl, seed, rescale):
     assert (d - ref).norm() <= 3e-4 * ref.norm()
 
 
-def test_libmtl_fails_with_four_groups_here_it_works(libmtl):
+def test_libmtl_fails_with_four_groups_here_it_works(libmtl, direction):
     a = torch.randn(4, 10, generator=torch.Generator().manual_seed(0), dtype=f64)
     with pytest.raises(ValueError, match="reshape"):
         _libmtl_direction(libmtl, a, 0.5, 1)
-    _, d = _direction(CAGrad(), a)
+    _, d = direction(CAGrad(), a)
     torch.testing.assert_close(d, _reference(a) / 1.25, rtol=1e-6, atol=1e-8)
 
 
-def test_incoming_weights_compose():
+def test_incoming_weights_compose(direction):
     a = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=f64)
     v = torch.tensor([2.0, 0.5, 1.5], dtype=f64)
-    _, d = _direction(CAGrad(rescale=0), a, incoming=v)
+    _, d = direction(CAGrad(rescale=0), a, incoming=v)
     torch.testing.assert_close(d, _reference(v[:, None] * a), rtol=1e-6, atol=1e-8)
 
 

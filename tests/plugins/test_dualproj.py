@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from balancer import Balancer, ConfigError, GroupStats
+from balancer import Balancer, ConfigError
 from balancer.plugins import DualProj
 from balancer.testing import check_plugin
 
@@ -27,12 +27,6 @@ def _reference(a):
     return torch.from_numpy(res.x)
 
 
-def _direction(plugin, a, incoming=None):
-    k = a.shape[0]
-    w, _ = plugin.update(GroupStats.from_gram(a @ a.T), torch.ones(k, dtype=f64) if incoming is None else incoming, {})
-    return w, w @ a
-
-
 def _cases():
     gen = torch.Generator().manual_seed(4)
     g, h = torch.randn(2, 7, generator=gen, dtype=f64)
@@ -46,15 +40,15 @@ def _cases():
 
 
 @pytest.mark.parametrize(("name", "a"), list(_cases()), ids=[n for n, _ in _cases()])
-def test_direction_is_the_projected_mean(name, a):
-    w, d = _direction(DualProj(), a)
+def test_direction_is_the_projected_mean(name, a, direction):
+    w, d = direction(DualProj(), a)
     assert torch.isfinite(w).all()
     torch.testing.assert_close(d, _reference(a), rtol=1e-6, atol=1e-7 * a.norm(dim=1).max())
     assert (a @ d >= -1e-9 * a.norm() ** 2).all()
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_equals_torchjd(torchjd_aggregation, seed):
+def test_equals_torchjd(torchjd_aggregation, seed, direction):
     """Same reg_eps convention as torchjd's default projector (1e-4 on the trace-normalised Gram)."""
     from torchjd._linalg import QuadprogProjector
 
@@ -62,18 +56,18 @@ def test_equals_torchjd(torchjd_aggregation, seed):
     k = 2 + seed
     a = torch.randn(k, 3 * k, generator=gen, dtype=f64)
     torch.testing.assert_close(
-        _direction(DualProj(reg_eps=1e-4), a)[1], torchjd_aggregation.DualProj()(a), rtol=1e-5, atol=0
+        direction(DualProj(reg_eps=1e-4), a)[1], torchjd_aggregation.DualProj()(a), rtol=1e-5, atol=0
     )
     ref = torchjd_aggregation.DualProj(projector=QuadprogProjector(norm_eps=0.0, reg_eps=0.0))(a)
-    torch.testing.assert_close(_direction(DualProj(), a)[1], ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(direction(DualProj(), a)[1], ref, rtol=1e-5, atol=0)
     weights = torchjd_aggregation.DualProjWeighting()(a @ a.T)
-    torch.testing.assert_close(_direction(DualProj(reg_eps=1e-4), a)[0], weights, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(direction(DualProj(reg_eps=1e-4), a)[0], weights, rtol=1e-5, atol=1e-8)
 
 
-def test_incoming_weights_compose():
+def test_incoming_weights_compose(direction):
     a = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=f64)
     v = torch.tensor([2.0, 0.5, 1.5], dtype=f64)
-    _, d = _direction(DualProj(), a, incoming=v)
+    _, d = direction(DualProj(), a, incoming=v)
     torch.testing.assert_close(d, _reference(v[:, None] * a), rtol=1e-6, atol=1e-9)
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from balancer import Balancer, ConfigError, GroupStats
+from balancer import Balancer, ConfigError
 from balancer.plugins import MGDA
 from balancer.testing import check_plugin
 
@@ -30,13 +30,6 @@ def _reference(a):
     return torch.from_numpy(res.x @ an)
 
 
-def _direction(plugin, a, incoming=None, losses=None):
-    k = a.shape[0]
-    stats = GroupStats.from_gram(a @ a.T, losses=losses)
-    w, _ = plugin.update(stats, torch.ones(k, dtype=f64) if incoming is None else incoming, {})
-    return w, w @ a
-
-
 def _cases():
     gen = torch.Generator().manual_seed(5)
     g, h = torch.randn(2, 7, generator=gen, dtype=f64)
@@ -48,8 +41,8 @@ def _cases():
 
 
 @pytest.mark.parametrize(("name", "a"), list(_cases()), ids=[n for n, _ in _cases()])
-def test_direction_is_the_min_norm_point(name, a):
-    w, d = _direction(MGDA(), a)
+def test_direction_is_the_min_norm_point(name, a, direction):
+    w, d = direction(MGDA(), a)
     assert torch.isfinite(w).all() and abs(w.sum().item() - 1) < 1e-9 and (w >= 0).all()
     # d is the min-norm point of the hull iff g_iᵀd ≥ ‖d‖² for every i (an exact characterisation).
     assert (a @ d >= (d @ d) - 1e-10 * a.norm(dim=1).max() ** 2).all()
@@ -67,31 +60,29 @@ def test_direction_is_the_min_norm_point(name, a):
         torch.tensor([[1e-12, 0.0], [0.0, 1.0], [1e12, 1e12]], dtype=f64),  # norms 1e±12
     ],
 )
-def test_pareto_stationary_and_extreme_cases(a):
-    w, d = _direction(MGDA(), a)
+def test_pareto_stationary_and_extreme_cases(a, direction):
+    w, d = direction(MGDA(), a)
     assert torch.isfinite(w).all()
     assert d.norm() <= 1e-9 * a.norm(dim=1).min().clamp_min(1e-12) + 1e-11
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_equals_torchjd_with_two_groups(torchjd_aggregation, seed):
+def test_equals_torchjd_with_two_groups(torchjd_aggregation, seed, direction):
     """With 2 groups torchjd's Frank-Wolfe step is an exact line search over the whole hull."""
     a = torch.randn(2, 8, generator=torch.Generator().manual_seed(seed), dtype=f64)
-    _, d = _direction(MGDA(), a)
+    _, d = direction(MGDA(), a)
     torch.testing.assert_close(d, torchjd_aggregation.MGDA()(a), rtol=1e-5, atol=0)
-    torch.testing.assert_close(
-        _direction(MGDA(), a)[0], torchjd_aggregation.MGDAWeighting()(a @ a.T), rtol=1e-5, atol=0
-    )
+    torch.testing.assert_close(direction(MGDA(), a)[0], torchjd_aggregation.MGDAWeighting()(a @ a.T), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_never_worse_than_torchjd(torchjd_aggregation, seed):
+def test_never_worse_than_torchjd(torchjd_aggregation, seed, direction):
     """With more groups torchjd's Frank-Wolfe (epsilon=1e-3, at most 100 steps, and it cannot take weight
     off a vertex) stops short: measured up to ~1e-2 relative from the optimum, which is why equality to
     1e-5 is not asserted. Its point is never closer to 0 than ours, and is close to it."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(3 + seed % 4, 8, generator=gen, dtype=f64)
-    _, d = _direction(MGDA(), a)
+    _, d = direction(MGDA(), a)
     ref = torchjd_aggregation.MGDA()(a)
     assert d.norm() <= ref.norm() * (1 + 1e-12)
     assert (d - ref).norm() <= 0.15 * d.norm()  # measured: up to 0.097 with its defaults
@@ -110,14 +101,14 @@ def _libmtl_direction(libmtl, a, losses, ntype):
 
 @pytest.mark.parametrize("ntype", ["none", "l2", "loss", "loss+"])
 @pytest.mark.parametrize("seed", range(4))
-def test_equals_libmtl(libmtl, ntype, seed):
+def test_equals_libmtl(libmtl, ntype, seed, direction):
     """LibMTL 1.1.5 works in float32 and stops when the step is below 1e-5: equal to ~1e-5. Two
     differences avoided here: with 2 groups it clamps the weight to [0.001, 0.999] (the exact answer
     may be 0 or 1), and when it does not converge in 250 steps it returns None."""
     gen = torch.Generator().manual_seed(seed)
     a = torch.randn(3 + seed, 10, generator=gen, dtype=f64)
     losses = torch.rand(a.shape[0], generator=gen, dtype=f64) + 0.5
-    _, d = _direction(MGDA(normalization=ntype), a, losses=losses)
+    _, d = direction(MGDA(normalization=ntype), a, losses=losses)
     ref = _libmtl_direction(libmtl, a, losses, ntype)
     assert d.norm() <= ref.norm() * (1 + 1e-6)
     factor = {"none": 1, "l2": a.norm(dim=1), "loss": losses, "loss+": losses * a.norm(dim=1)}[ntype]
@@ -126,31 +117,31 @@ def test_equals_libmtl(libmtl, ntype, seed):
         assert (d - ref).norm() <= 2e-4 * d.norm()  # measured: 6e-6 to 8.5e-5
 
 
-def test_libmtl_nan_cases_are_finite_here(libmtl):
+def test_libmtl_nan_cases_are_finite_here(libmtl, direction):
     """LibMTL's 'l2' normalisation divides a zero gradient by 0 (NaN); here the factor counts as 1."""
     a = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.0, 3.0, 1.0]], dtype=f64)
     ones = torch.ones(3, dtype=f64)
     with np.errstate(all="ignore"):
         assert torch.isnan(libmtl.MGDA()._gradient_normalizers(a.float(), ones.float(), ntype="l2")).any()
-    w, d = _direction(MGDA(normalization="l2"), a)
+    w, d = direction(MGDA(normalization="l2"), a)
     assert torch.isfinite(w).all() and d.norm() < 1e-12
 
 
-def test_normalizations_follow_the_formula():
+def test_normalizations_follow_the_formula(direction):
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(4, 6, generator=gen, dtype=f64)
     losses = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=f64)
     for name, n in [("l2", a.norm(dim=1)), ("loss", losses), ("loss+", losses * a.norm(dim=1))]:
-        _, d = _direction(MGDA(normalization=name), a, losses=losses)
+        _, d = direction(MGDA(normalization=name), a, losses=losses)
         torch.testing.assert_close(d, _reference(a / n[:, None]), rtol=1e-6, atol=1e-9)
-    _, d_nan = _direction(MGDA(normalization="loss"), a)  # losses unknown (nan): no loss normalisation
+    _, d_nan = direction(MGDA(normalization="loss"), a)  # losses unknown (nan): no loss normalisation
     torch.testing.assert_close(d_nan, _reference(a), rtol=1e-6, atol=1e-9)
 
 
-def test_incoming_weights_compose():
+def test_incoming_weights_compose(direction):
     a = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=f64)
     v = torch.tensor([2.0, 0.5, 1.5], dtype=f64)
-    _, d = _direction(MGDA(), a, incoming=v)
+    _, d = direction(MGDA(), a, incoming=v)
     torch.testing.assert_close(d, _reference(v[:, None] * a), rtol=1e-6, atol=1e-9)
 
 

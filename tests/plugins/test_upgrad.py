@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from balancer import Balancer, ConfigError, GroupStats
+from balancer import Balancer, ConfigError
 from balancer.plugins import UPGrad
 from balancer.testing import check_plugin
 
@@ -31,12 +31,6 @@ def _reference(a):
     return torch.stack([_project_onto_dual_cone(a, g) for g in a]).mean(0)
 
 
-def _direction(plugin, a, incoming=None):
-    k = a.shape[0]
-    w, _ = plugin.update(GroupStats.from_gram(a @ a.T), torch.ones(k, dtype=f64) if incoming is None else incoming, {})
-    return w, w @ a
-
-
 def _cases():
     gen = torch.Generator().manual_seed(3)
     g, h = torch.randn(2, 7, generator=gen, dtype=f64)
@@ -50,8 +44,8 @@ def _cases():
 
 
 @pytest.mark.parametrize(("name", "a"), list(_cases()), ids=[n for n, _ in _cases()])
-def test_direction_is_the_mean_of_the_projections(name, a):
-    w, d = _direction(UPGrad(), a)
+def test_direction_is_the_mean_of_the_projections(name, a, direction):
+    w, d = direction(UPGrad(), a)
     assert torch.isfinite(w).all()
     ref = _reference(a)
     torch.testing.assert_close(d, ref, rtol=1e-6, atol=1e-7 * a.norm(dim=1).max())
@@ -59,7 +53,7 @@ def test_direction_is_the_mean_of_the_projections(name, a):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_equals_torchjd(torchjd_aggregation, seed):
+def test_equals_torchjd(torchjd_aggregation, seed, direction):
     """torchjd's default projector adds reg_eps=1e-4 to the trace-normalised Gram (and zeroes it below
     a trace of norm_eps=1e-4): `reg_eps=1e-4` reproduces it; with reg_eps=0 both solve the exact projection."""
     from torchjd._linalg import QuadprogProjector
@@ -67,19 +61,19 @@ def test_equals_torchjd(torchjd_aggregation, seed):
     gen = torch.Generator().manual_seed(seed)
     k = 2 + seed
     a = torch.randn(k, 3 * k, generator=gen, dtype=f64) * (1 + 3 * torch.rand(k, 1, generator=gen, dtype=f64))
-    _, d = _direction(UPGrad(reg_eps=1e-4), a)
+    _, d = direction(UPGrad(reg_eps=1e-4), a)
     torch.testing.assert_close(d, torchjd_aggregation.UPGrad()(a), rtol=1e-5, atol=0)
-    _, exact = _direction(UPGrad(), a)
+    _, exact = direction(UPGrad(), a)
     ref = torchjd_aggregation.UPGrad(projector=QuadprogProjector(norm_eps=0.0, reg_eps=0.0))(a)
     torch.testing.assert_close(exact, ref, rtol=1e-5, atol=0)
     weights = torchjd_aggregation.UPGradWeighting()(a @ a.T)
-    torch.testing.assert_close(_direction(UPGrad(reg_eps=1e-4), a)[0], weights, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(direction(UPGrad(reg_eps=1e-4), a)[0], weights, rtol=1e-5, atol=1e-8)
 
 
-def test_scale_invariant_unlike_torchjd_norm_eps(torchjd_aggregation):
+def test_scale_invariant_unlike_torchjd_norm_eps(torchjd_aggregation, direction):
     a = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=f64)
-    w1, _ = _direction(UPGrad(), a)
-    w2, _ = _direction(UPGrad(), a * 1e-8)
+    w1, _ = direction(UPGrad(), a)
+    w2, _ = direction(UPGrad(), a * 1e-8)
     torch.testing.assert_close(w1, w2, rtol=1e-10, atol=0)
     # torchjd zeroes Grams whose trace is below 1e-4 and then returns the plain mean.
     torch.testing.assert_close(
@@ -87,10 +81,10 @@ def test_scale_invariant_unlike_torchjd_norm_eps(torchjd_aggregation):
     )
 
 
-def test_incoming_weights_compose():
+def test_incoming_weights_compose(direction):
     a = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=f64)
     v = torch.tensor([2.0, 0.5, 1.5], dtype=f64)
-    w, d = _direction(UPGrad(), a, incoming=v)
+    w, d = direction(UPGrad(), a, incoming=v)
     torch.testing.assert_close(d, _reference(v[:, None] * a), rtol=1e-6, atol=1e-9)
 
 
