@@ -415,9 +415,9 @@ class Balancer(torch.optim.Optimizer):
             if result is not None:
                 state_dict = result
         section = state_dict.get("balancer")
-        load_balancer_section(section, self._plugins, self._backend.stats_device)  # validate before loading
+        states, step = load_balancer_section(section, self._plugins, self._backend.stats_device)  # refuse first
         self._inner.load_state_dict({k: v for k, v in state_dict.items() if k != "balancer"})
-        self.load_balancer_state_dict(section)
+        self._restore(states, step, section)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
@@ -428,7 +428,9 @@ class Balancer(torch.optim.Optimizer):
 
     def load_balancer_state_dict(self, section: dict[str, Any] | None) -> None:
         """Restores a :meth:`balancer_state_dict`; the plugin list must match the saved one."""
-        states, step = load_balancer_section(section, self._plugins, self._backend.stats_device)
+        self._restore(*load_balancer_section(section, self._plugins, self._backend.stats_device), section)
+
+    def _restore(self, states: dict[str, State], step: int, section: dict[str, Any] | None) -> None:
         self._plugin_states.update(states)
         self._step_count = step
         # The rows of a long run live in one merged block; reserving it now makes the first

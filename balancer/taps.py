@@ -104,10 +104,6 @@ class TapHub:
         self._stats: dict[str, State] = {}
         self.discard()
 
-    @property
-    def active(self) -> bool:
-        return bool(self._plugins)
-
     def tap(
         self,
         tensor: Tensor,
