@@ -29,10 +29,10 @@ from ._weighting import Verdict, read_verdict, run_plugins
 from .backend import Backend
 from .config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_config
 from .errors import CaptureError, NonFiniteGradientError, NonFiniteGradientWarning
+from .layer_capture import LayerCapture
 from .local import LocalBackend
 from .plugin import Plugin, State
 from .registry import Registry, default_registry
-from .sample_groups import SampleGroups
 from .stats import GroupStats
 from .taps import TapHub
 
@@ -75,7 +75,7 @@ class Balancer(torch.optim.Optimizer):
             with :class:`~balancer.errors.NonFiniteGradientError` (``"raise"``). Under a
             ``GradScaler`` an overflow skips the whole step instead, as AMP expects.
         model: optional; if given, every trainable parameter of it must be in ``inner``. Needed by
-            :meth:`backward_samples`.
+            :meth:`backward_samples` and :meth:`backward_tasks`.
 
     Example::
 
@@ -117,7 +117,7 @@ class Balancer(torch.optim.Optimizer):
         self._captures: dict[str, int] = {}
         self._graph_checked = False
         self._early_gram: Tensor | None = None
-        self._samples = SampleGroups(model, self._backend) if model is not None else None
+        self._layers = LayerCapture(model, self._backend) if model is not None else None
         self._init_optimizer_machinery()
         self._backend.attach(self)
 
@@ -183,9 +183,9 @@ class Balancer(torch.optim.Optimizer):
         return self._backend
 
     def _source(self) -> Backend:
-        """Where this step's groups live: the backend, or a pending :meth:`backward_samples` capture."""
-        samples = self._samples
-        return samples if samples is not None and samples.names else self._backend
+        """Where this step's groups live: the backend, or a pending layer capture (``backward_samples/_tasks``)."""
+        layers = self._layers
+        return layers if layers is not None and layers.names else self._backend
 
     # -- AMP ---------------------------------------------------------------------------------
     @property
@@ -240,8 +240,7 @@ class Balancer(torch.optim.Optimizer):
             with self.group(name):
                 keep = True if i < len(items) - 1 else retain_graph
                 self._backend.backward(loss, retain_graph=keep)
-            value = loss.detach().reshape(()).to(torch.float64)
-            self._losses[name] = self._losses[name] + value if name in self._losses else value
+            self._add_loss(name, loss.detach().reshape(()).to(torch.float64))
 
     def backward_samples(self, losses: Tensor, *, group: str | Sequence[str], retain_graph: bool | None = None) -> None:
         """One backward pass for groups of samples: ``opt.backward_samples(losses, group=row_groups)``.
@@ -254,26 +253,49 @@ class Balancer(torch.optim.Optimizer):
 
         The exact group Gram matrix and the weighted update ``Σ_k w_k g_k`` are computed from the
         ``nn.Linear`` inputs and output gradients of this single backward pass, without any
-        per-group gradient (see :mod:`balancer.sample_groups`); ``step()`` then runs as usual.
+        per-group gradient (see :mod:`balancer.layer_capture`); ``step()`` then runs as usual.
         Needs ``Balancer(..., model=model)`` whose trained parameters all belong to ``nn.Linear``
         layers, the local backend, and no ``group``/``backward`` capture in the same step. Several
-        calls before ``step()`` accumulate exactly.
+        calls before ``step()`` accumulate exactly, and may be mixed with :meth:`backward_tasks`.
         """
-        if self._samples is None:
-            raise CaptureError("backward_samples needs the model: build the Balancer with `model=model`.")
+        capture = self._layer_capture("backward_samples")
+        group = group if isinstance(group, str) else list(group)
+        sums = capture.capture_samples(losses, group, retain_graph)
+        present = {group} if isinstance(group, str) else set(group)
+        self._record({name: sums[i] for i, name in enumerate(capture.names) if name in present})
+
+    def backward_tasks(self, losses: Mapping[str, Tensor], *, retain_graph: bool | None = None) -> None:
+        """One loss per group, as :meth:`backward`, without per-group gradients: ``opt.backward_tasks({...})``.
+
+        One backward pass per loss (every one but the last retains the graph) asks only for the
+        gradients at the outputs of the ``nn.Linear`` calls; the group Gram matrix and the update
+        follow exactly from those and the calls' inputs (see :mod:`balancer.layer_capture`). Tasks
+        on a shared trunk share its inputs, so the trunk's cost does not grow with a copy per
+        task. Same requirements as :meth:`backward_samples`.
+        """
+        capture = self._layer_capture("backward_tasks")
+        capture.capture_tasks(losses, retain_graph)
+        self._record({name: loss.detach().reshape(()).to(torch.float64) for name, loss in losses.items()})
+
+    def _layer_capture(self, method: str) -> LayerCapture:
+        if self._layers is None:
+            raise CaptureError(f"{method} needs the model: build the Balancer with `model=model`.")
         if self._backend.names:
             raise CaptureError(
-                f"backward_samples cannot be mixed with `opt.group`/`opt.backward` in one step (groups "
+                f"{method} cannot be mixed with `opt.group`/`opt.backward` in one step (groups "
                 f"{list(self._backend.names)} are pending). Call step() or zero_grad() first."
             )
         self._early_gram = None
-        group = group if isinstance(group, str) else list(group)
-        sums = self._samples.capture(losses, group, retain_graph)
-        names = {group} if isinstance(group, str) else set(group)
-        for i, name in enumerate(self._samples.names):
-            if name in names:
-                self._losses[name] = self._losses[name] + sums[i] if name in self._losses else sums[i]
-                self._captures[name] = self._captures.get(name, 0) + 1
+        return self._layers
+
+    def _record(self, losses: Mapping[str, Tensor]) -> None:
+        """Adds this capture's loss values to the step's, and counts one backward call per group."""
+        for name, value in losses.items():
+            self._add_loss(name, value)
+            self._captures[name] = self._captures.get(name, 0) + 1
+
+    def _add_loss(self, name: str, value: Tensor) -> None:
+        self._losses[name] = self._losses[name] + value if name in self._losses else value
 
     def tap(self, tensor: Tensor, group: str | Sequence[str], labels: Tensor | None = None) -> Tensor:
         """Returns ``tensor`` unchanged; its gradient is shown to the tap plugins (see :mod:`balancer.taps`).
@@ -372,8 +394,8 @@ class Balancer(torch.optim.Optimizer):
         else:
             result = self._backend.optimizer_step()
         self._backend.end_step()
-        if self._samples is not None:
-            self._samples.end_step()
+        if self._layers is not None:
+            self._layers.end_step()
         self._taps.discard()
         self._losses.clear()
         self._captures.clear()
@@ -389,8 +411,8 @@ class Balancer(torch.optim.Optimizer):
             raise CaptureError(f"zero_grad() called inside group `{active}`. Call it outside group blocks.")
         self._early_gram = None
         self._backend.zero_grad(set_to_none)
-        if self._samples is not None:
-            self._samples.zero_grad(set_to_none)
+        if self._layers is not None:
+            self._layers.zero_grad(set_to_none)
         self._taps.discard()
         self._losses.clear()
         self._captures.clear()

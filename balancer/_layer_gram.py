@@ -1,0 +1,152 @@
+"""The arithmetic of :mod:`balancer.layer_capture`: group Gram and weighted update of one
+``nn.Linear`` parameter from its calls' inputs ``X`` and the output gradients ``Δ``.
+
+A parameter's captured data is a list of :class:`Call` (one per use of the layer in the graph),
+each holding its input rows and the :class:`Piece` s that reached it: one output gradient per
+capture of a loss, with the group of each row. Group ``k``'s gradient of the weight is
+``A_k = Σ δ_r x_rᵀ`` over the rows of its pieces, of the bias ``b_k = Σ δ_r``.
+
+Three exact ways to the weight's Gram ``G_kl = ⟨A_k, A_l⟩``; :func:`choose_form` takes the one
+with fewest multiply-adds (``P`` piece rows, ``R`` call rows, ``k`` groups):
+
+* ``rows``: every piece row against every other, ``G_kl = Σ_{g(r)=k, g(s)=l} (δ_r·δ_s)(x_r·x_s)``:
+  ``P²(d_in + d_out)``. Best when each row belongs to one piece (groups of samples).
+* ``shared``: ``E_k`` = group ``k``'s output gradient on the call rows, ``K = XXᵀ`` once, and
+  ``G_kl = ⟨E_k, K E_l⟩``: ``R² d_in + k R² d_out + k² R d_out``. Best when several losses reach the
+  same call (tasks on a shared trunk): ``X`` is used once instead of once per loss.
+* ``per_group``: the ``A_k`` themselves, then ``A Aᵀ``: ``P d_in d_out + k² d_in d_out``. Best for
+  long rows (sequences) with few groups; holds ``k·d_in·d_out`` numbers for one layer at a time.
+
+The update ``Σ_k w_k A_k`` needs no group at all: ``(Σ_pieces s∘Δ)ᵀ X`` per call, ``s_r = w_g(r)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+FORMS = ("rows", "shared", "per_group")
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The output gradient of one captured loss at one call, and the group of each of its rows."""
+
+    delta: Tensor  # [R, d_out]
+    groups: Tensor  # [R] long
+    counts: tuple[int, ...]  # rows per group (index = group) after sorting by `order`
+    order: Tensor | None  # rows sorted by group; None: already sorted
+
+
+@dataclass
+class Call:
+    """One use of a linear layer: its input rows (``None`` for a bias) and the pieces reaching it."""
+
+    x: Tensor | None  # [R, d_in]
+    pieces: list[Piece] = field(default_factory=list)
+
+
+def work(t: Tensor) -> Tensor:
+    """Half-precision captures are summed in float32."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def constant_piece(delta: Tensor, group: int) -> Piece:
+    rows = delta.shape[0]
+    groups = torch.full((rows,), group, dtype=torch.long, device=delta.device)
+    return Piece(delta, groups, (0,) * group + (rows,), None)
+
+
+def choose_form(piece_rows: int, call_rows: int, k: int, d_in: int, d_out: int) -> str:
+    """The Gram form with the fewest multiply-adds (first of :data:`FORMS` on a tie)."""
+    p, r = piece_rows, call_rows
+    costs = {
+        "rows": p * p * (d_in + d_out),
+        "shared": r * r * d_in + k * r * r * d_out + k * k * r * d_out,
+        "per_group": p * d_in * d_out + k * k * d_in * d_out,
+    }
+    return min(FORMS, key=costs.__getitem__)
+
+
+def bias_gram(calls: list[Call], k: int) -> Tensor:
+    sums = group_sums(calls, k)
+    return sums @ sums.T
+
+
+def group_sums(calls: list[Call], k: int) -> Tensor:
+    """``[k, d_out]``: each group's summed output gradient (the bias gradients)."""
+    first = calls[0].pieces[0].delta
+    sums = torch.zeros((k, first.shape[1]), dtype=work(first).dtype, device=first.device)
+    for call in calls:
+        for piece in call.pieces:
+            sums.index_add_(0, piece.groups, work(piece.delta))
+    return sums
+
+
+def weight_gram(calls: list[Call], k: int) -> Tensor:
+    pieces = [p for c in calls for p in c.pieces]
+    d_in, d_out = calls[0].x.shape[1], pieces[0].delta.shape[1]  # type: ignore[union-attr]
+    piece_rows = sum(p.delta.shape[0] for p in pieces)
+    call_rows = sum(c.x.shape[0] for c in calls)  # type: ignore[union-attr]
+    form = choose_form(piece_rows, call_rows, k, d_in, d_out)
+    return {"rows": _rows_gram, "shared": _shared_gram, "per_group": _per_group_gram}[form](calls, k)
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _rows_gram(calls: list[Call], k: int) -> Tensor:
+    x = _cat([work(c.x) for c in calls for _ in c.pieces])  # type: ignore[arg-type]
+    d = _cat([work(p.delta) for c in calls for p in c.pieces])
+    groups = _cat([p.groups for c in calls for p in c.pieces])
+    ghost = (d @ d.T) * (x @ x.T)  # [P, P]: ⟨δ_r x_rᵀ, δ_s x_sᵀ⟩
+    by_row = torch.zeros((k, ghost.shape[0]), dtype=ghost.dtype, device=ghost.device).index_add_(0, groups, ghost)
+    return torch.zeros((k, k), dtype=ghost.dtype, device=ghost.device).index_add_(1, groups, by_row)
+
+
+def _shared_gram(calls: list[Call], k: int) -> Tensor:
+    x = _cat([work(c.x) for c in calls])  # type: ignore[arg-type]
+    rows = x.shape[0]
+    first = work(calls[0].pieces[0].delta)
+    spread = torch.zeros((k * rows, first.shape[1]), dtype=first.dtype, device=first.device)  # E, [k·R, d_out]
+    start = 0
+    for call in calls:
+        span = torch.arange(start, start + call.x.shape[0], device=x.device)  # type: ignore[union-attr]
+        for piece in call.pieces:
+            spread.index_add_(0, piece.groups * rows + span, work(piece.delta))
+        start += call.x.shape[0]  # type: ignore[union-attr]
+    spread = spread.view(k, rows, -1)
+    mixed = torch.matmul(x @ x.T, spread)  # K E_l, [k, R, d_out]
+    return spread.flatten(1) @ mixed.flatten(1).T
+
+
+def _per_group_gram(calls: list[Call], k: int) -> Tensor:
+    first = work(calls[0].pieces[0].delta)
+    d_in = calls[0].x.shape[1]  # type: ignore[union-attr]
+    per_group = torch.zeros((k, first.shape[1], d_in), dtype=first.dtype, device=first.device)
+    for call in calls:
+        for piece in call.pieces:
+            x, d = work(call.x), work(piece.delta)  # type: ignore[arg-type]
+            if piece.order is not None:
+                x, d = x[piece.order], d[piece.order]
+            start = 0
+            for g, count in enumerate(piece.counts):
+                if count:
+                    per_group[g].addmm_(d[start : start + count].T, x[start : start + count])
+                start += count
+    flat = per_group.flatten(1)
+    return flat @ flat.T
+
+
+def weighted_delta(call: Call, weights: Tensor) -> Tensor:
+    """``Σ_pieces s∘Δ`` with ``s_r = w_g(r)``: the call's output gradient of ``Σ_k w_k ℓ_k``."""
+    first, *rest = call.pieces
+    d = work(first.delta)
+    weights = weights.to(d.device, d.dtype)
+    total = weights[first.groups][:, None] * d
+    for piece in rest:
+        total.addcmul_(weights[piece.groups][:, None], work(piece.delta))
+    return total
