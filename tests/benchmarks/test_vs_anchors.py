@@ -38,7 +38,9 @@ def test_prints_both_tables_per_scenario(output: str, scenario: str) -> None:
     for aggregator in AGGREGATORS:
         # one time/memory row per method, then one ratio row with both verdicts
         assert re.search(rf"^{aggregator}\s+balancer\s+[\d.]+\s+[\d.]+\s+-?[\d.]+\s+-?[\d.]+$", section, re.M)
-        assert re.search(rf"^{aggregator}\s+[\d.]+x\s+[\d.]+x.*time (PASS|FAIL), memory (PASS|FAIL)$", section, re.M)
+        for path in ("balancer", "balancer-tasks") + (("balancer-samples",) if scenario == "groups" else ()):
+            ratio_row = rf"^{aggregator}\s+{path}\s+[\d.]+x\s+[\d.]+x.*time (PASS|FAIL), memory (PASS|FAIL)$"
+            assert re.search(ratio_row, section, re.M)
     assert re.search(r"^-\s+sum\s+", section, re.M)
     assert re.search(r"^pcgrad\s+pto\s+", section, re.M)
     assert re.search(r"^mgda\s+libmtl\s+", section, re.M)
@@ -46,7 +48,8 @@ def test_prints_both_tables_per_scenario(output: str, scenario: str) -> None:
 
 def test_every_method_computes_the_same_update(output: str) -> None:
     checks = re.findall(r"^  (\w+)\s+(\S+)\s+vs .*\s([\d.e+-]+)\s+(PASS|FAIL) \(tol", output, re.M)
-    assert len(checks) == 2 * 11 + 3  # per scenario: 2 upgrad, 4 mgda, 5 pcgrad; groups adds balancer-samples
+    # per scenario: 3 upgrad, 5 mgda, 6 pcgrad (balancer, balancer-tasks + anchors); groups adds balancer-samples
+    assert len(checks) == 2 * 14 + 3
     assert {a for a, *_ in checks} == set(AGGREGATORS)
     assert [c for c in checks if c[3] != "PASS"] == []
     assert "\ncheck: PASS\n" in output
