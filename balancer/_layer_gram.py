@@ -39,6 +39,12 @@ class Piece:
     counts: tuple[int, ...]  # rows per group (index = group) after sorting by `order`
     order: Tensor | None  # rows sorted by group; None: already sorted
 
+    @property
+    def group(self) -> int | None:
+        """The group of every row when there is only one (a task's loss), else None."""
+        used = [g for g, count in enumerate(self.counts) if count]
+        return used[0] if len(used) == 1 else None
+
 
 @dataclass
 class Call:
@@ -116,7 +122,11 @@ def _shared_gram(calls: list[Call], k: int) -> Tensor:
     for call in calls:
         span = torch.arange(start, start + call.x.shape[0], device=x.device)  # type: ignore[union-attr]
         for piece in call.pieces:
-            spread.index_add_(0, piece.groups * rows + span, work(piece.delta))
+            if piece.group is not None:
+                g = piece.group * rows
+                spread[g + start : g + start + len(span)] += work(piece.delta)
+            else:
+                spread.index_add_(0, piece.groups * rows + span, work(piece.delta))
         start += call.x.shape[0]  # type: ignore[union-attr]
     spread = spread.view(k, rows, -1)
     mixed = torch.matmul(x @ x.T, spread)  # K E_l, [k, R, d_out]
@@ -143,10 +153,10 @@ def _per_group_gram(calls: list[Call], k: int) -> Tensor:
 
 def weighted_delta(call: Call, weights: Tensor) -> Tensor:
     """``Σ_pieces s∘Δ`` with ``s_r = w_g(r)``: the call's output gradient of ``Σ_k w_k ℓ_k``."""
-    first, *rest = call.pieces
-    d = work(first.delta)
-    weights = weights.to(d.device, d.dtype)
-    total = weights[first.groups][:, None] * d
-    for piece in rest:
-        total.addcmul_(weights[piece.groups][:, None], work(piece.delta))
+    first = work(call.pieces[0].delta)
+    weights = weights.to(first.device, first.dtype)
+    total = torch.zeros_like(first)
+    for piece in call.pieces:
+        factor = weights[piece.groups][:, None] if piece.group is None else weights[piece.group]
+        total.addcmul_(factor, work(piece.delta))
     return total
