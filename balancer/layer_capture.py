@@ -183,7 +183,6 @@ class LayerCapture(Backend):
         self._device = losses.device
         sample_group = torch.tensor(index, dtype=torch.long, device=losses.device)
         order = sorted(range(batch), key=index.__getitem__)
-        ordered = order == list(range(batch))
         counts = [index.count(k) for k in range(len(self._names))]
         for call, delta in zip(self._register(layers), deltas, strict=True):
             if delta is None:
@@ -195,15 +194,7 @@ class LayerCapture(Backend):
                     f"backward_samples: a linear layer has {delta.shape[0]} output rows for {batch} samples. "
                     "The batch dimension must lead every layer's input ([B, d] or [B, T, d])."
                 )
-            rows = torch.arange(per_sample, device=delta.device)
-            row_order = None if ordered else (torch.tensor(order, device=delta.device)[:, None] * per_sample + rows)
-            piece = Piece(
-                delta,
-                sample_group.repeat_interleave(per_sample),
-                tuple(c * per_sample for c in counts),
-                None if row_order is None else row_order.flatten(),
-            )
-            call.pieces.append(piece)
+            call.pieces.append(_sample_piece(delta, sample_group, order, counts, per_sample))
         self._prune()
         sums = torch.zeros(len(self._names), dtype=torch.float64, device=losses.device)
         return sums.index_add_(0, sample_group, losses.detach().to(torch.float64))
@@ -322,6 +313,16 @@ class LayerCapture(Backend):
                     if t is not None:
                         held[t.data_ptr()] = t.numel() * t.element_size()
         return sum(held.values())
+
+
+def _sample_piece(delta: Tensor, sample_group: Tensor, order: list[int], counts: list[int], per_sample: int) -> Piece:
+    """A ``backward_samples`` piece: ``per_sample`` consecutive rows per sample (``[B, T, d]`` inputs)."""
+    groups = sample_group if per_sample == 1 else sample_group.repeat_interleave(per_sample)
+    row_order = None
+    if order != sorted(order):  # rows not already grouped: sort them for the per-group form
+        within = torch.arange(per_sample, device=delta.device)
+        row_order = (torch.tensor(order, device=delta.device)[:, None] * per_sample + within).flatten()
+    return Piece(delta, groups, tuple(c * per_sample for c in counts), row_order)
 
 
 def _recognise(node: Any, owners: dict[int, tuple[str, str]]) -> tuple[Tensor | None, list[_Use], set[int]]:

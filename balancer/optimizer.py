@@ -365,10 +365,11 @@ class Balancer(torch.optim.Optimizer):
         if dropped:
             self._report_nonfinite([names[i] for i in dropped])
         keep = [i for i, bad in enumerate(verdict.nonfinite) if not bad]
-        weights, new_states = run_plugins(self._plugins, states, full.select(keep))
-        index = torch.tensor(keep, dtype=torch.long, device=device)
-        full_weights = torch.zeros(len(names), dtype=torch.float64, device=device).index_copy(0, index, weights)
+        weights, new_states = run_plugins(self._plugins, states, full.select(keep) if dropped else full)
+        full_weights = weights
         if dropped:
+            index = torch.tensor(keep, dtype=torch.long, device=device)
+            full_weights = torch.zeros(len(names), dtype=torch.float64, device=device).index_copy(0, index, weights)
             source.drop(dropped)
         source.combine(full_weights, scale=verdict.scale)
         self._plugin_states = new_states
