@@ -33,8 +33,11 @@ def project_onto_dual_cone(gram: Tensor, u: Tensor, reg_eps: float = 0.0) -> Ten
 
     ``G' = G / tr(G) + reg_eps·I``: scale-free, and regularised as torchjd's default projector
     when ``reg_eps > 0``. Solved as ``v = u + x``, ``x ≥ 0`` minimising ``½ xᵀG'x + (G'u)ᵀx``;
-    ``u`` is ``[k]`` or a batch ``[m, k]`` of independent problems.
+    ``u`` is ``[k]`` or a batch ``[m, k]`` of independent problems. Without the regularisation
+    ``G'`` is ``G`` itself: the minimiser does not depend on the scale of ``G``, and the solver
+    rescales the problem anyway.
     """
-    gram = trace_normalised(gram)
-    gram = gram + reg_eps * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+    if reg_eps > 0:
+        gram = trace_normalised(gram)
+        gram = gram + reg_eps * torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     return u + solve_nonneg_qp(gram, u @ gram)

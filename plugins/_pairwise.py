@@ -20,10 +20,9 @@ def unit_cosines(gram: Tensor) -> tuple[Tensor, Tensor]:
     """``(cosines, norms)`` of the gradients behind ``gram``; zero rows and columns for zero gradients."""
     norms = gram.diagonal().clamp_min(0.0).sqrt()
     nonzero = norms > 0
-    inverse = torch.where(nonzero, 1.0 / torch.where(nonzero, norms, 1.0), 0.0)
+    inverse = torch.where(nonzero, norms, torch.inf).reciprocal()  # 1/‖g_i‖, 0 for a zero gradient
     cosines = (gram * inverse[:, None] * inverse[None, :]).clamp(-1.0, 1.0)
-    eye = torch.eye(len(norms), dtype=torch.bool, device=gram.device)
-    cosines = torch.where(eye, nonzero.to(gram.dtype).diag(), cosines)
+    cosines.diagonal().copy_(nonzero)  # exactly 1, and 0 for a zero gradient
     return cosines, norms
 
 
@@ -34,9 +33,5 @@ def to_gradient_weights(coefficients: Tensor, norms: Tensor) -> Tensor:
     ``‖g_i‖`` times that, so ``a_j = c_jj + Σ_{i≠j} ‖g_i‖ c_ij / ‖g_j‖``. A zero ``g_j`` keeps
     ``a_j = c_jj`` (its own coefficient): nothing was ever added along it.
     """
-    nonzero = norms > 0
-    eye = torch.eye(len(norms), dtype=torch.bool, device=norms.device)
-    off = torch.where(eye, 0.0, coefficients)
-    added = norms @ off
-    safe = torch.where(nonzero, norms, 1.0)
-    return coefficients.diagonal() + torch.where(nonzero, added / safe, 0.0)
+    added = norms @ coefficients.clone().fill_diagonal_(0.0)  # Σ_{i≠j} ‖g_i‖ c_ij
+    return coefficients.diagonal() + torch.where(norms > 0, added / norms, 0.0)

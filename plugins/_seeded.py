@@ -45,7 +45,7 @@ def random_orders(names: Sequence[str], seed: int, step: int, tag: str, device: 
     base = [stable_seed(tag, seed, step, name) for name in names]
     k = len(names)
     rows = [sorted((j for j in range(k) if j != i), key=lambda j, hi=base[i]: _mix(hi, base[j])) for i in range(k)]
-    return torch.tensor(rows, dtype=torch.long).reshape(k, max(k - 1, 0)).to(device)
+    return torch.tensor(rows, dtype=torch.long, device=device).reshape(k, max(k - 1, 0))
 
 
 def group_normals(names: Sequence[str], seed: int, step: int, tag: str, device: torch.device) -> Tensor:

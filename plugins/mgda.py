@@ -58,11 +58,13 @@ class MGDA(Plugin):
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
         gram = weighted_gram(stats.gram, weights)
         norm = self.options.normalization
+        if norm == "none":  # n_i = 1
+            return weights * min_norm_point(gram), state
         factor = torch.ones_like(weights)
         if norm in ("l2", "loss+"):
             factor = factor * gram.diagonal().clamp_min(0.0).sqrt()
         if norm in ("loss", "loss+"):
             factor = factor * stats.losses.to(factor)
         factor = torch.where(torch.isfinite(factor) & (factor > 0), factor, 1.0)
-        alpha = min_norm_point(gram / (factor[:, None] * factor[None, :]))
+        alpha = min_norm_point(gram / torch.outer(factor, factor))
         return weights * alpha / factor, state

@@ -33,13 +33,12 @@ def pcgrad_coefficients(cosines: Tensor, orders: Tensor) -> Tensor:
     visits the others. All rows advance together, one visit per iteration: row ``i`` never reads
     another row, so this is the paper's loop with the ``i`` loop vectorised.
     """
-    k = cosines.shape[0]
-    coefficients = torch.eye(k, dtype=cosines.dtype, device=cosines.device)
-    for step in range(orders.shape[1]):
-        visit = orders[:, step : step + 1]
-        dots = (coefficients @ cosines).gather(1, visit)  # <edited u_i, u_j>; ‖u_j‖² = 1, or 0 for a zero g_j
-        change = torch.where(dots < 0, -dots, 0.0)
-        coefficients = coefficients.scatter_add(1, visit, change)
+    coefficients = torch.eye(cosines.shape[0], dtype=cosines.dtype, device=cosines.device)
+    negated = -cosines
+    for visit in orders.T.unsqueeze(-1):  # [k, 1]: the group each row visits at this step
+        # -<edited u_i, u_j> where it is positive (a conflict), else 0; ‖u_j‖² = 1, or 0 for a zero g_j
+        conflict = (coefficients @ negated).gather(1, visit).clamp_min(0.0)
+        coefficients.scatter_add_(1, visit, conflict)
     return coefficients
 
 

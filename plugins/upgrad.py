@@ -51,4 +51,4 @@ class UPGrad(Plugin):
         k = gram.shape[0]
         eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
         projections = project_onto_dual_cone(gram, eye, self.options.reg_eps)  # row i: v_i, a batch of k QPs
-        return weights * projections.sum(0) / k, state
+        return weights * projections.mean(0), state

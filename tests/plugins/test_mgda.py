@@ -127,6 +127,17 @@ def test_libmtl_nan_cases_are_finite_here(libmtl, direction):
     assert torch.isfinite(w).all() and d.norm() < 1e-12
 
 
+@pytest.mark.parametrize("norm", [1e-30, 1e-8, 1e4, 1e10, 1e30])
+def test_weights_do_not_depend_on_the_gradient_scale(norm, direction):
+    """The min-norm point scales with the gradients, its weights not at all. A regression: the
+    solver's feasibility tolerance used to be absolute in the caller's units, and from gradient
+    norms of about 1e9 on it returned a wrong face of the hull for some draws."""
+    for seed in range(20):
+        a = torch.randn(4, 3, generator=torch.Generator().manual_seed(seed), dtype=f64)
+        w, _ = direction(MGDA(), a)
+        torch.testing.assert_close(direction(MGDA(), a * norm)[0], w, rtol=1e-10, atol=1e-12)
+
+
 def test_normalizations_follow_the_formula(direction):
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(4, 6, generator=gen, dtype=f64)

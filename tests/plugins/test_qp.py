@@ -130,3 +130,24 @@ def test_kkt_conditions_hold(k, extra, seed, spread):
     x = solve_nonneg_qp(gram, linear)
     assert (x >= 0).all() and torch.isfinite(x).all()
     assert kkt_residual(gram, linear, x).item() < 1e-8
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("scale", [1e-30, 1e-5, 1e5, 1e30])
+def test_solution_does_not_depend_on_the_scale_of_the_problem(seed, scale):
+    """Multiplying G and q by c changes nothing in the minimiser (and min_norm_point's weights do
+    not depend on c either). A regression: the solver divided q by max|q| before the Jacobi
+    scaling, not after, so its tolerances were absolute in the caller's units, and large Gram
+    matrices got a wrong support."""
+    k = 2 + seed % 5
+    _, gram = _random_problem(seed, k, 3)
+    u = torch.randn(k, generator=torch.Generator().manual_seed(seed), dtype=f64)
+    x = solve_nonneg_qp(gram, gram @ u)
+    torch.testing.assert_close(solve_nonneg_qp(gram * scale, gram @ u * scale), x, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(min_norm_point(gram * scale), min_norm_point(gram), rtol=1e-10, atol=1e-12)
+
+
+def test_one_gram_matrix_for_the_whole_batch():
+    _, gram = _random_problem(0, 3, 5)
+    with pytest.raises(ValueError, match="one \\[k, k\\] Gram matrix"):
+        solve_nonneg_qp(gram.expand(2, 3, 3), gram[:2])
