@@ -11,7 +11,7 @@ DualProj); the simplex problem of MGDA is one of them after a change of variable
 ``G`` at once (UPGrad solves ``k``, CAGrad a grid) in float64, in two stages and a fixed amount
 of work, so that no decision ever needs a value on the host:
 
-0. for ``k ≤ ENUMERATE_UP_TO`` (6): the KKT equalities solved on all ``2^k − 1`` supports in one
+0. for ``k ≤ ENUMERATE_UP_TO`` (6): the KKT equalities solved on all ``2^k`` supports in one
    batched solve (each ``G_SS`` factorised once, the problems as right-hand sides), keeping
    the candidate with the least KKT residual: exact, and one call instead of thirty
    iterations. Problems where that residual is not at rounding level (degenerate ones) go
@@ -142,14 +142,14 @@ def any_on_cpu(mask: Tensor) -> bool:
 class _Supports(NamedTuple):
     """The constant tensors of the enumeration over ``k`` variables, made once per ``k`` and device."""
 
-    support: Tensor  # [S, k, 1] bool, S = 2^k - 1: every nonempty subset of the k variables
+    support: Tensor  # [S, k, 1] bool, S = 2^k: every subset of the k variables (the empty one: x = 0)
     block: Tensor  # [S, k, k] bool: the entries of the block G_SS
     eye: Tensor  # [k, k] float64
 
 
 @functools.lru_cache(maxsize=64)
 def _supports(k: int, device: torch.device) -> _Supports:
-    codes = torch.arange(1, 2**k, device=device)
+    codes = torch.arange(2**k, device=device)
     support = ((codes.unsqueeze(-1) >> torch.arange(k, device=device)) & 1 == 1).unsqueeze(-1)
     eye = torch.eye(k, dtype=torch.float64, device=device)
     return _Supports(support, support & support.mT, eye)

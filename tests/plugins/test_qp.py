@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.optimize import minimize, nnls
 
+import balancer.plugins._qp as qp
 from balancer.plugins._qp import kkt_residual, min_norm_point, solve_nonneg_qp
 from balancer.testing import _no_host_sync
 
@@ -151,3 +152,14 @@ def test_one_gram_matrix_for_the_whole_batch():
     _, gram = _random_problem(0, 3, 5)
     with pytest.raises(ValueError, match="one \\[k, k\\] Gram matrix"):
         solve_nonneg_qp(gram.expand(2, 3, 3), gram[:2])
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_enumeration_finds_the_zero_solution(k, monkeypatch):
+    """A nonnegative ``q`` (UPGrad without conflicts: ``q = G e_i ≥ 0``) has the minimiser 0, the
+    empty support: the enumeration must find it itself, not leave it to the interior point."""
+    monkeypatch.setattr(qp, "_interior_solution", lambda *a: pytest.fail("fell back to the interior point"))
+    a = torch.rand(k, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(k))  # all inner products > 0
+    gram = a @ a.T
+    x = qp.solve_nonneg_qp(gram, torch.eye(k, dtype=torch.float64) @ gram)
+    assert torch.equal(x, torch.zeros(k, k, dtype=torch.float64))
