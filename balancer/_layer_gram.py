@@ -76,7 +76,50 @@ def choose_form(piece_rows: int, call_rows: int, k: int, d_in: int, d_out: int) 
     return min(FORMS, key=costs.__getitem__)
 
 
-def bias_gram(calls: list[Call], k: int) -> Tensor:
+def gram(params: list[tuple[str, list[Call]]], k: int, device: torch.device) -> Tensor:
+    """``[k, k]`` float64: the group Gram matrix summed over the parameters ``(role, calls)``.
+
+    A bias whose calls are its weight's (one ``addmm``) joins the weight's form: ``x`` extended
+    by a constant 1 turns ``XXᵀ`` into ``XXᵀ + 1``. The ``rows`` forms of layers over the same rows
+    (one ``backward_samples`` call) are summed before their one reduction by group.
+    """
+    out = torch.zeros((k, k), dtype=torch.float64, device=device)
+    weights = {_key(calls) for role, calls in params if role == "weight"}
+    biases = {_key(calls) for role, calls in params if role == "bias"}
+    ghosts: dict[tuple[int, ...], tuple[Tensor, Tensor]] = {}  # rows -> (group of each row, summed ghost)
+    for role, calls in params:
+        if role == "bias":
+            if _key(calls) not in weights:
+                out += _bias_gram(calls, k).to(device, torch.float64)
+            continue
+        with_bias = _key(calls) in biases
+        pieces = [p for c in calls for p in c.pieces]
+        d_in, d_out = calls[0].x.shape[1], pieces[0].delta.shape[1]  # type: ignore[union-attr]
+        piece_rows = sum(p.delta.shape[0] for p in pieces)
+        call_rows = sum(c.x.shape[0] for c in calls)  # type: ignore[union-attr]
+        form = choose_form(piece_rows, call_rows, k, d_in, d_out)
+        if form == "rows":
+            rows = tuple(id(p.groups) for p in pieces)
+            groups, ghost = _rows_ghost(calls, with_bias)
+            if rows in ghosts:
+                ghost += ghosts[rows][1]
+            ghosts[rows] = (groups, ghost)
+            continue
+        part = _shared_gram(calls, k, with_bias) if form == "shared" else _per_group_gram(calls, k)
+        if form == "per_group" and with_bias:
+            part = part + _bias_gram(calls, k)
+        out += part.to(device, torch.float64)
+    for groups, ghost in ghosts.values():
+        by_row = torch.zeros((k, ghost.shape[0]), dtype=ghost.dtype, device=ghost.device).index_add_(0, groups, ghost)
+        out += torch.zeros((k, k), dtype=ghost.dtype, device=ghost.device).index_add_(1, groups, by_row).to(out)
+    return out
+
+
+def _key(calls: list[Call]) -> tuple[int, ...]:
+    return tuple(map(id, calls))
+
+
+def _bias_gram(calls: list[Call], k: int) -> Tensor:
     sums = group_sums(calls, k)
     return sums @ sums.T
 
@@ -91,29 +134,25 @@ def group_sums(calls: list[Call], k: int) -> Tensor:
     return sums
 
 
-def weight_gram(calls: list[Call], k: int) -> Tensor:
-    pieces = [p for c in calls for p in c.pieces]
-    d_in, d_out = calls[0].x.shape[1], pieces[0].delta.shape[1]  # type: ignore[union-attr]
-    piece_rows = sum(p.delta.shape[0] for p in pieces)
-    call_rows = sum(c.x.shape[0] for c in calls)  # type: ignore[union-attr]
-    form = choose_form(piece_rows, call_rows, k, d_in, d_out)
-    return {"rows": _rows_gram, "shared": _shared_gram, "per_group": _per_group_gram}[form](calls, k)
-
-
 def _cat(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
-def _rows_gram(calls: list[Call], k: int) -> Tensor:
+def _inputs_gram(x: Tensor, with_bias: bool) -> Tensor:
+    """``XXᵀ``, plus 1 everywhere with the bias (its input is the constant 1)."""
+    inner = x @ x.T
+    return inner.add_(1.0) if with_bias else inner
+
+
+def _rows_ghost(calls: list[Call], with_bias: bool) -> tuple[Tensor, Tensor]:
+    """``(group of each piece row [P], ghost [P, P])`` with ``ghost_rs = ⟨δ_r x_rᵀ, δ_s x_sᵀ⟩``."""
     x = _cat([work(c.x) for c in calls for _ in c.pieces])  # type: ignore[arg-type]
     d = _cat([work(p.delta) for c in calls for p in c.pieces])
     groups = _cat([p.groups for c in calls for p in c.pieces])
-    ghost = (d @ d.T) * (x @ x.T)  # [P, P]: ⟨δ_r x_rᵀ, δ_s x_sᵀ⟩
-    by_row = torch.zeros((k, ghost.shape[0]), dtype=ghost.dtype, device=ghost.device).index_add_(0, groups, ghost)
-    return torch.zeros((k, k), dtype=ghost.dtype, device=ghost.device).index_add_(1, groups, by_row)
+    return groups, (d @ d.T).mul_(_inputs_gram(x, with_bias))
 
 
-def _shared_gram(calls: list[Call], k: int) -> Tensor:
+def _shared_gram(calls: list[Call], k: int, with_bias: bool) -> Tensor:
     x = _cat([work(c.x) for c in calls])  # type: ignore[arg-type]
     rows = x.shape[0]
     first = work(calls[0].pieces[0].delta)
@@ -129,7 +168,7 @@ def _shared_gram(calls: list[Call], k: int) -> Tensor:
                 spread.index_add_(0, piece.groups * rows + span, work(piece.delta))
         start += call.x.shape[0]  # type: ignore[union-attr]
     spread = spread.view(k, rows, -1)
-    mixed = torch.matmul(x @ x.T, spread)  # K E_l, [k, R, d_out]
+    mixed = torch.matmul(_inputs_gram(x, with_bias), spread)  # K E_l, [k, R, d_out]
     return spread.flatten(1) @ mixed.flatten(1).T
 
 
@@ -153,10 +192,13 @@ def _per_group_gram(calls: list[Call], k: int) -> Tensor:
 
 def weighted_delta(call: Call, weights: Tensor) -> Tensor:
     """``Σ_pieces s∘Δ`` with ``s_r = w_g(r)``: the call's output gradient of ``Σ_k w_k ℓ_k``."""
-    first = work(call.pieces[0].delta)
-    weights = weights.to(first.device, first.dtype)
-    total = torch.zeros_like(first)
-    for piece in call.pieces:
-        factor = weights[piece.groups][:, None] if piece.group is None else weights[piece.group]
-        total.addcmul_(factor, work(piece.delta))
+    first, *rest = call.pieces
+    weights = weights.to(first.delta.device, work(first.delta).dtype)
+
+    def factor(piece: Piece) -> Tensor:
+        return weights[piece.groups][:, None] if piece.group is None else weights[piece.group]
+
+    total = factor(first) * work(first.delta)
+    for piece in rest:
+        total.addcmul_(factor(piece), work(piece.delta))
     return total

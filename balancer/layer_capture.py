@@ -34,7 +34,8 @@ from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
 from ._checks import check_group_name, check_loss
-from ._layer_gram import Call, Piece, bias_gram, constant_piece, weight_gram, weighted_delta, work
+from ._layer_gram import Call, Piece, constant_piece, weighted_delta, work
+from ._layer_gram import gram as layer_gram
 from .backend import Backend, NaNFlag
 from .errors import CaptureError
 from .local import LocalBackend
@@ -235,12 +236,7 @@ class LayerCapture(Backend):
     # -- statistics ------------------------------------------------------------------------
     @torch.no_grad()
     def gram(self) -> Tensor:
-        k = len(self._names)
-        out = torch.zeros((k, k), dtype=torch.float64, device=self._device)
-        for _, role, calls in self._calls.values():
-            part = bias_gram(calls, k) if role == "bias" else weight_gram(calls, k)
-            out += part.to(out.device, torch.float64)
-        return out
+        return layer_gram([(role, calls) for _, role, calls in self._calls.values()], len(self._names), self._device)
 
     # -- combination -----------------------------------------------------------------------
     def _trained(self) -> list[Tensor]:
