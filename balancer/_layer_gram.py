@@ -17,6 +17,8 @@ with fewest multiply-adds (``P`` piece rows, ``R`` call rows, ``k`` groups):
 * ``per_group``: the ``A_k`` themselves, then ``A Aᵀ``: ``P d_in d_out + k² d_in d_out``. Best for
   long rows (sequences) with few groups; holds ``k·d_in·d_out`` numbers for one layer at a time.
 
+A bias computed in the same call as its weight (``addmm``) is the weight's form with ``x``
+extended by a constant 1 (``XXᵀ + 1``), at no extra cost; :func:`gram` sums the parameters.
 The update ``Σ_k w_k A_k`` needs no group at all: ``(Σ_pieces s∘Δ)ᵀ X`` per call, ``s_r = w_g(r)``.
 """
 
