@@ -11,7 +11,7 @@ DualProj); the simplex problem of MGDA is one of them after a change of variable
 ``G`` at once (UPGrad solves ``k``, CAGrad a grid) in float64, in two stages and a fixed amount
 of work, so that no decision ever needs a value on the host:
 
-0. for ``k ≤ ENUMERATE_UP_TO`` (6): the KKT equalities solved on all ``2^k`` supports in one
+0. for ``k ≤ ENUMERATE_UP_TO`` (8): the KKT equalities solved on all ``2^k`` supports in one
    batched solve (each ``G_SS`` factorised once, the problems as right-hand sides), keeping
    the candidate with the least KKT residual: exact, and one call instead of thirty
    iterations. Problems where that residual is not at rounding level (degenerate ones) go
@@ -59,7 +59,7 @@ __all__ = [
     "trace_normalised",
 ]
 
-ENUMERATE_UP_TO = 6
+ENUMERATE_UP_TO = 8
 """Up to this many variables every support is tried in one batched solve (exact, fixed cost);
 above it, or where that candidate is not exact (degenerate problems), the interior point runs."""
 
