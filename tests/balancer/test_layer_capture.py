@@ -575,3 +575,20 @@ def test_a_parameter_group_added_later_is_checked():
     opt.add_param_group({"params": list(model.norm.parameters())})
     with pytest.raises(CaptureError, match=r"norm\.weight \(LayerNorm\)"):
         opt.backward_tasks({"a": model(x).sum()})
+
+
+def test_other_backends_are_refused():
+    """Cross-rank Gram terms would need every rank's layer inputs: only the local backend is supported."""
+    from balancer.local import LocalBackend
+
+    class Sharded(LocalBackend):  # stands for the DDP / FSDP / DeepSpeed backends
+        pass
+
+    model = _Heads().double()
+    x, _ = _data(4, None, d_in=6)
+    sgd = torch.optim.SGD(model.parameters(), lr=1.0)
+    opt = Balancer(sgd, model=model, backend=Sharded(sgd))
+    with pytest.raises(CaptureError, match="local backend only.*Sharded"):
+        opt.backward_tasks(_task_losses(model, x, None))
+    with pytest.raises(CaptureError, match="local backend only.*Sharded"):
+        opt.backward_samples(model.trunk(x).sum(1), group="a")
