@@ -79,6 +79,9 @@ Balancer time <= 1.3x ``sum``; ``heads`` Balancer time <= 0.9x the faster torchj
 memory <= 1.1 k·n everywhere. The time targets are the issue's for the scenario's recommended
 path (``balancer-samples``, ``balancer-tasks``); the other paths are printed for comparison.
 
+The scenarios and methods are in ``anchor_methods.py``, the first-step references in
+``anchor_references.py``; this file times, measures memory and reports.
+
 Run::
 
     python benchmarks/vs_anchors.py           # full run, about 1 minute on 2 quiet cores
@@ -90,442 +93,38 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
-import importlib.util
-import itertools
 import os
-import random
 import statistics
 import sys
 import time
-import types
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import cache
+from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
-from torch.nn.functional import cross_entropy
-
-from balancer import Balancer
+from anchor_methods import (
+    AGGREGATORS,
+    CLOCK,
+    FULL,
+    METHODS,
+    QUICK,
+    Config,
+    Data,
+    K,
+    Key,
+    Method,
+    Net,
+    StepTime,
+    all_keys,
+    balancer_paths,
+    build,
+    make_data,
+)
+from anchor_references import check, verdict
 
 THREADS = 2
-CLOCK: list[Callable[[], float]] = [time.perf_counter]  # time.thread_time with --cpu-time
-K = 4
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 GROUPS_TARGET = 1.3  # balancer / sum, groups scenario
 HEADS_TARGET = 0.9  # balancer / fastest torchjd, heads scenario
 MEMORY_TARGET = 1.1  # balancer extra memory, k*n*4 bytes
-AGGREGATORS = ("upgrad", "mgda", "pcgrad")
-
-
-@dataclass(frozen=True)
-class Config:
-    widths: tuple[int, int, int]  # trunk input, hidden, output widths
-    classes: int
-    batch: int  # whole batch; k groups of batch / k samples in "groups"
-    warmup: int
-    iters: int  # timed steps per method
-    memory_steps: int
-
-
-FULL = Config(widths=(512, 1024, 512), classes=10, batch=64, warmup=5, iters=30, memory_steps=3)
-QUICK = Config(widths=(32, 64, 32), classes=10, batch=8, warmup=1, iters=3, memory_steps=2)
-
-
-# -- model and data ------------------------------------------------------------------------------
-class Net(nn.Module):
-    def __init__(self, cfg: Config, heads: int) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        d_in, hidden, d_out = cfg.widths
-        self.trunk = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, d_out), nn.ReLU())
-        self.heads = nn.ModuleList(nn.Linear(d_out, cfg.classes) for _ in range(heads))
-
-
-@dataclass(frozen=True)
-class Data:
-    cfg: Config
-    scenario: str
-    x: Tensor  # [batch, d_in]
-    y: Tensor  # [k, batch / k] (groups: group i's labels) or [k, batch] (heads: task i's labels)
-
-    @property
-    def heads(self) -> int:
-        return K if self.scenario == "heads" else 1
-
-
-def make_data(cfg: Config, scenario: str) -> Data:
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(cfg.batch, cfg.widths[0], generator=gen)
-    rows = cfg.batch if scenario == "heads" else cfg.batch // K
-    return Data(cfg, scenario, x, torch.randint(cfg.classes, (K, rows), generator=gen))
-
-
-def joint_losses(net: Net, data: Data) -> tuple[list[Tensor], Tensor]:
-    """One forward over the whole batch: the k losses and the trunk output."""
-    features = net.trunk(data.x)
-    if data.scenario == "heads":
-        return [cross_entropy(head(features), y) for head, y in zip(net.heads, data.y, strict=True)], features
-    per_sample = cross_entropy(net.heads[0](features), data.y.flatten(), reduction="none")
-    return list(per_sample.view(K, -1).mean(1).unbind()), features
-
-
-def group_loss(net: Net, data: Data, i: int) -> Tensor:
-    """Group i's loss from its own forward of batch / k samples (groups scenario)."""
-    return cross_entropy(net.heads[0](net.trunk(data.x.chunk(K)[i])), data.y[i])
-
-
-def split_losses(net: Net, data: Data) -> list[Tensor]:
-    """groups: one forward per group; heads: the one shared forward."""
-    if data.scenario == "heads":
-        return joint_losses(net, data)[0]
-    return [group_loss(net, data, i) for i in range(K)]
-
-
-# -- methods -------------------------------------------------------------------------------------
-Key = tuple[str, str]  # (aggregator, method); aggregator "-" for the sum baselines
-
-
-@dataclass(frozen=True)
-class StepTime:
-    total: float
-    forward_backward: float
-    balance: float  # step() minus the inner optimizer's step
-
-
-class Method:
-    """One way to take a step; subclasses define ``backward`` and, if it wraps Adam, ``opt``."""
-
-    def __init__(self, data: Data, aggregator: str) -> None:
-        self.data = data
-        self.aggregator = aggregator
-        self.net = Net(data.cfg, data.heads)
-        self.params = list(self.net.parameters())
-        self.inner = torch.optim.Adam(self.params, lr=1e-3)
-        self.opt: torch.optim.Optimizer = self.inner
-        self.inner_seconds = 0.0
-        self.captured: Tensor | None = None
-        self._capture = False
-        self.inner.register_step_pre_hook(self._pre)
-        self.inner.register_step_post_hook(self._post)
-
-    def _pre(self, *_: object) -> None:
-        if self._capture:
-            self.captured = torch.cat(
-                [torch.zeros(p.numel()) if p.grad is None else p.grad.flatten() for p in self.params]
-            )
-        self._start = CLOCK[0]()
-
-    def _post(self, *_: object) -> None:
-        self.inner_seconds = CLOCK[0]() - self._start
-
-    def backward(self) -> None:
-        raise NotImplementedError
-
-    def step(self) -> StepTime:
-        start = CLOCK[0]()
-        self.backward()
-        backward_done = CLOCK[0]()
-        self.opt.step()
-        step_done = CLOCK[0]()
-        self.opt.zero_grad()
-        end = CLOCK[0]()
-        return StepTime(end - start, backward_done - start, step_done - backward_done - self.inner_seconds)
-
-    def first_gradient(self) -> Tensor:
-        """Takes one step (seeded, for the random orders of PCGrad) and returns what Adam received."""
-        random.seed(0)
-        torch.manual_seed(0)
-        self._capture = True
-        self.step()
-        self._capture = False
-        assert self.captured is not None
-        return self.captured
-
-
-class SumStep(Method):
-    def backward(self) -> None:
-        torch.stack(joint_losses(self.net, self.data)[0]).sum().backward()
-
-
-class SumGroupsStep(Method):
-    """groups: the k per-group forward+backward passes of the Balancer, accumulated into ``.grad``."""
-
-    def backward(self) -> None:
-        for i in range(K):
-            group_loss(self.net, self.data, i).backward()
-
-
-class BalancerStep(Method):
-    def __init__(self, data: Data, aggregator: str) -> None:
-        super().__init__(data, aggregator)
-        self.balancer = Balancer(self.inner, plugins=[aggregator])
-
-        self.opt = self.balancer
-
-    def backward(self) -> None:
-        if self.data.scenario == "groups":
-            for i in range(K):
-                with self.balancer.group(f"g{i}"):
-                    group_loss(self.net, self.data, i).backward()
-        else:
-            losses, _ = joint_losses(self.net, self.data)
-            self.balancer.backward({f"t{i}": loss for i, loss in enumerate(losses)})
-
-
-class BalancerSamplesStep(Method):
-    """groups: ``Balancer(Adam, plugins=[aggregator], model=net)``, one forward over the whole batch
-    and ``opt.backward_samples`` of the per-sample losses divided by the group size (so each group's
-    loss is its mean, as in the other methods): one backward pass, no per-group gradient."""
-
-    def __init__(self, data: Data, aggregator: str) -> None:
-        super().__init__(data, aggregator)
-        self.balancer = Balancer(self.inner, plugins=[aggregator], model=self.net)
-        self.opt = self.balancer
-        self.rows = data.cfg.batch // K
-        self.groups = [f"g{i}" for i in range(K) for _ in range(self.rows)]
-
-    def backward(self) -> None:
-        logits = self.net.heads[0](self.net.trunk(self.data.x))
-        per_sample = cross_entropy(logits, self.data.y.flatten(), reduction="none")
-        self.balancer.backward_samples(per_sample / self.rows, group=self.groups)
-
-
-class BalancerTasksStep(Method):
-    """``Balancer(Adam, plugins=[aggregator], model=net)`` and ``opt.backward_tasks``: one backward
-    per loss asks only for the linear layers' output gradients; no per-group gradient. ``groups``:
-    the per-group forwards of ``balancer``; ``heads``: one trunk forward and the 4 task losses."""
-
-    def __init__(self, data: Data, aggregator: str) -> None:
-        super().__init__(data, aggregator)
-        self.balancer = Balancer(self.inner, plugins=[aggregator], model=self.net)
-        self.opt = self.balancer
-
-    def backward(self) -> None:
-        self.balancer.backward_tasks({f"g{i}": loss for i, loss in enumerate(split_losses(self.net, self.data))})
-
-
-class TorchjdStep(Method):
-    """torchjd's documented path; ``all_params`` forces ``autojac.backward`` on every parameter."""
-
-    def __init__(self, data: Data, aggregator: str, gramopt: bool = False, all_params: bool = False) -> None:
-        super().__init__(data, aggregator)
-        aggregation = importlib.import_module("torchjd.aggregation")
-        self.aggregation = {"upgrad": aggregation.UPGrad, "mgda": aggregation.MGDA, "pcgrad": aggregation.PCGrad}[
-            aggregator
-        ]()
-        self.gramopt = gramopt
-        self.mtl = data.scenario == "heads" and not all_params
-
-    def backward(self) -> None:
-        autojac = importlib.import_module("torchjd.autojac")
-        losses, features = joint_losses(self.net, self.data)
-        if self.mtl:
-            autojac.mtl_backward(losses, features=features)
-            shared = list(self.net.trunk.parameters())
-        else:
-            autojac.backward(losses)
-            shared = self.params
-        autojac.jac_to_grad(shared, self.aggregation, optimize_gramian_computation=self.gramopt)
-
-
-@cache
-def libmtl_weighting() -> types.ModuleType:
-    """``LibMTL.weighting`` without ``LibMTL/__init__.py`` (which imports torchvision)."""
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("LibMTL is not installed: pip install --no-deps LibMTL==1.1.5")
-    if "LibMTL" not in sys.modules:
-        package = types.ModuleType("LibMTL")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["LibMTL"] = package
-    return importlib.import_module("LibMTL.weighting")
-
-
-class LibmtlStep(Method):
-    def __init__(self, data: Data, aggregator: str) -> None:
-        super().__init__(data, aggregator)
-        weighting = getattr(libmtl_weighting(), {"mgda": "MGDA", "pcgrad": "PCGrad"}[aggregator])
-        shared = list(self.net.trunk.parameters()) if data.scenario == "heads" else self.params
-
-        class Model(weighting):  # what LibMTL's Trainer mixes in: the shared params and task count
-            task_num, device, rep_grad = K, torch.device("cpu"), False
-
-            def get_share_params(self) -> list[Tensor]:
-                return shared
-
-            def zero_grad_share_params(self) -> None:  # LibMTL 1.1.5 predates set_to_none grads
-                for p in shared:
-                    if p.grad is not None:
-                        p.grad.zero_()
-
-        self.weighting = Model()
-        self.kwargs = {"mgda_gn": "none"} if aggregator == "mgda" else {}
-
-    def backward(self) -> None:
-        self.weighting.backward(split_losses(self.net, self.data), **self.kwargs)
-
-
-class PtoStep(Method):
-    def __init__(self, data: Data, aggregator: str) -> None:
-        super().__init__(data, aggregator)
-        pcgrad = importlib.import_module("pytorch_optimizer").PCGrad
-        self.opt = pcgrad(self.inner, reduction="sum")
-
-    def backward(self) -> None:
-        self.opt.pc_backward(split_losses(self.net, self.data))
-
-
-Factory = Callable[[Data, str], Method]
-METHODS: dict[str, Factory] = {
-    "balancer": BalancerStep,
-    "balancer-samples": BalancerSamplesStep,
-    "balancer-tasks": BalancerTasksStep,
-    "torchjd": TorchjdStep,
-    "torchjd-gramopt": lambda data, agg: TorchjdStep(data, agg, gramopt=True),
-    "libmtl": LibmtlStep,
-    "pto": PtoStep,
-}
-
-
-def balancer_paths(scenario: str) -> list[str]:
-    """The Balancer's ways to capture the groups; the last one is the scenario's recommended path,
-    which the time target applies to."""
-    return ["balancer"] + (["balancer-tasks", "balancer-samples"] if scenario == "groups" else ["balancer-tasks"])
-
-
-def methods_of(aggregator: str, scenario: str) -> list[str]:
-    names = balancer_paths(scenario) + ["torchjd", "torchjd-gramopt"]
-    names += ["libmtl"] if aggregator in ("mgda", "pcgrad") else []
-    names += ["pto"] if aggregator == "pcgrad" else []
-    return names
-
-
-def build(data: Data, key: tuple[str, str]) -> Method:
-    aggregator, method = key
-    baselines: dict[str, Factory] = {"sum": SumStep, "sum-groups": SumGroupsStep}
-    return baselines[method](data, "-") if aggregator == "-" else METHODS[method](data, aggregator)
-
-
-def all_keys(data: Data) -> list[tuple[str, str]]:
-    baselines = [("-", "sum")] + ([("-", "sum-groups")] if data.scenario == "groups" else [])
-    return baselines + [(agg, m) for agg in AGGREGATORS for m in methods_of(agg, data.scenario)]
-
-
-# -- check ---------------------------------------------------------------------------------------
-def relative_difference(a: Tensor, b: Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
-
-
-def first_rows(data: Data) -> Tensor:
-    """The k group/task gradients of the initial model, ``[k, n]`` in float64."""
-    method = SumStep(data, "-")
-    rows = []
-    for loss in split_losses(method.net, data):
-        grads = torch.autograd.grad(loss, method.params, retain_graph=True, allow_unused=True)
-        flat = [torch.zeros(p.numel()) if g is None else g.flatten() for p, g in zip(method.params, grads, strict=True)]
-        rows.append(torch.cat(flat))
-    return torch.stack(rows).double()
-
-
-def pcgrad_weights(gram: Tensor) -> Tensor:
-    """PCGrad's weights (Yu et al. 2020, Algorithm 1) for every choice of projection orders, ``[C, k]``.
-
-    Each g_i is projected off the g_j it conflicts with in a random order; the result depends on
-    that order when g_i conflicts with two or more others, so a correct implementation matches one
-    of these candidates, not a single reference.
-    """
-    k = gram.shape[0]
-    per_row = []
-    for i in range(k):
-        options = []
-        for order in itertools.permutations([j for j in range(k) if j != i]):
-            w = torch.zeros(k, dtype=gram.dtype)
-            w[i] = 1.0
-            for j in order:
-                inner = gram[j] @ w
-                if inner < 0:
-                    w[j] -= inner / gram[j, j]
-            options.append(w)
-        per_row.append(torch.stack(options))
-    return torch.stack([sum(ws) for ws in itertools.product(*per_row)])  # type: ignore[misc]
-
-
-def mgda_weights(gram: Tensor) -> Tensor:
-    """The exact MGDA weights (Désidéri 2012; Sener & Koltun 2018), ``[1, k]``: the minimum of
-    ``wᵀ G w`` over the simplex, found by solving the KKT system on every support."""
-    k = gram.shape[0]
-    best, best_value = None, float("inf")
-    for size in range(1, k + 1):
-        for support in itertools.combinations(range(k), size):
-            idx = list(support)
-            kkt = torch.zeros(size + 1, size + 1, dtype=gram.dtype)
-            kkt[:size, :size] = gram[idx][:, idx]
-            kkt[:size, size] = kkt[size, :size] = 1.0
-            rhs = torch.zeros(size + 1, dtype=gram.dtype)
-            rhs[size] = 1.0
-            solution = torch.linalg.lstsq(kkt, rhs.unsqueeze(1)).solution.squeeze(1)
-            w = torch.zeros(k, dtype=gram.dtype)
-            w[idx] = solution[:size]
-            if (w >= -1e-12).all() and abs(float(w.sum()) - 1.0) < 1e-9 and float(w @ gram @ w) < best_value:
-                best, best_value = w.clamp_min(0), float(w @ gram @ w)
-    assert best is not None
-    return best.unsqueeze(0)
-
-
-def closest_difference(grad: Tensor, rows: Tensor, aggregated: int, candidates: Callable[[Tensor], Tensor]) -> float:
-    """Relative L2 distance of ``grad`` to the closest reference update: columns ``:aggregated``
-    are ``Σ_k w_k g_k`` for the candidate weights ``w``, the other columns (the heads, where only
-    the trunk is aggregated) the plain sum of the rows. Computed from inner products only."""
-    g, a = grad.double()[:aggregated], rows[:, :aggregated]
-    gram = a @ a.T
-    w = candidates(gram)
-    squared = g @ g - 2 * w @ (a @ g) + ((w @ gram) * w).sum(1)
-    rest = (grad.double()[aggregated:] - rows[:, aggregated:].sum(0)).square().sum()
-    return float((squared.min().clamp_min(0) + rest).sqrt() / grad.double().norm())
-
-
-def trunk_only(data: Data, method: str) -> bool:
-    """Whether a method aggregates the trunk only (heads: torchjd mtl_backward, LibMTL)."""
-    return data.scenario == "heads" and method in ("torchjd", "torchjd-gramopt", "libmtl")
-
-
-def tolerance(aggregator: str, method: str) -> float:
-    # torchjd's MGDA (Frank-Wolfe, stops once a step is < 1e-3) and LibMTL's MGDA (its own
-    # projected iteration) stop early; every other method is exact up to float32 rounding.
-    return 1e-2 if aggregator == "mgda" and not method.startswith("balancer") else 1e-4
-
-
-def check(data: Data, methods: dict[Key, Method]) -> bool:
-    """The first step's gradient of every method against a reference update of the same definition."""
-    rows = first_rows(data)
-    gram = rows @ rows.T
-    n_trunk = sum(p.numel() for p in Net(data.cfg, data.heads).trunk.parameters())
-    conflicting = int((gram.triu(1) < 0).sum())
-    print(f"check: first-step gradient handed to Adam, relative L2 difference; {conflicting} conflicting pairs")
-    ok = True
-    for agg in AGGREGATORS:
-        grads = {m: methods[(agg, m)].first_gradient() for m in methods_of(agg, data.scenario)}
-        if data.scenario == "heads" and agg == "upgrad":
-            full = TorchjdStep(data, agg, all_params=True).first_gradient()
-        for m, grad in grads.items():
-            trunk = trunk_only(data, m)
-            suffix = " (trunk)" if trunk else ""
-            if agg == "upgrad" and m == "torchjd":
-                continue
-            if agg == "upgrad":
-                ref = grads["torchjd"] if trunk or data.scenario == "groups" else full
-                ref_name = "torchjd" if ref is grads["torchjd"] else "torchjd backward, all params"
-                diff = relative_difference(grad, ref)
-            else:
-                exact = mgda_weights if agg == "mgda" else pcgrad_weights
-                ref_name = ("exact MGDA" if agg == "mgda" else "PCGrad, closest order") + suffix
-                diff = closest_difference(grad, rows, n_trunk if trunk else rows.shape[1], exact)
-            tol = tolerance(agg, m)
-            ok &= diff <= tol
-            print(f"  {agg:<7} {m:<16} vs {ref_name:<29} {diff:9.2e}   {verdict(diff <= tol)} (tol {tol:.0e})")
-    return ok
 
 
 # -- time ----------------------------------------------------------------------------------------
@@ -587,10 +186,6 @@ def measure_memory(data: Data, keys: list[Key], steps: int) -> dict[Key, tuple[i
 
 
 # -- report --------------------------------------------------------------------------------------
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "FAIL"
-
-
 def report(data: Data, n: int, samples: dict[Key, list[StepTime]], peaks: dict[Key, tuple[int, int]]) -> None:
     unit = K * n * 4
     base = median_ms(samples[("-", "sum")])
