@@ -150,7 +150,6 @@ class LayerCapture(Backend):
         return calls
 
     def _add_group(self, name: str) -> int:
-        check_group_name(name)
         if name not in self._names:
             self._names.append(name)
         return self._names.index(name)
@@ -175,27 +174,25 @@ class LayerCapture(Backend):
         names = [group] * batch if isinstance(group, str) else list(group)
         if len(names) != batch:
             raise CaptureError(f"`group` must name one group per sample: {batch} losses, {len(names)} names.")
-        position = {name: self._add_group(name) for name in dict.fromkeys(names)}
-        index = [position[n] for n in names]
+        for name in dict.fromkeys(names):
+            check_group_name(name)
         total = losses.sum()
         layers = self._layers([total.grad_fn], batch)
         edges = [GradientEdge(node, 0) for node, _, _ in layers]
         deltas = torch.autograd.grad(total, edges, retain_graph=retain_graph, allow_unused=True) if edges else ()
-        self._device = losses.device
+        rows = [None if delta is None else _rows_per_sample(delta, batch) for delta in deltas]
+        # nothing below can fail: the step's state changes only now
+        position = {name: self._add_group(name) for name in dict.fromkeys(names)}
+        index = [position[n] for n in names]
         sample_group = torch.tensor(index, dtype=torch.long, device=losses.device)
         order = sorted(range(batch), key=index.__getitem__)
+        grouped = order == list(range(batch))  # samples already sorted by group
         counts = [index.count(k) for k in range(len(self._names))]
-        for call, delta in zip(self._register(layers), deltas, strict=True):
-            if delta is None:
-                continue
-            delta = delta.detach().reshape(-1, delta.shape[-1])
-            per_sample, rest = divmod(delta.shape[0], batch)
-            if rest or not per_sample:
-                raise CaptureError(
-                    f"backward_samples: a linear layer has {delta.shape[0]} output rows for {batch} samples. "
-                    "The batch dimension must lead every layer's input ([B, d] or [B, T, d])."
-                )
-            call.pieces.append(_sample_piece(delta, sample_group, order, counts, per_sample))
+        for call, delta, per_sample in zip(self._register(layers), deltas, rows, strict=True):
+            if delta is not None:
+                piece = _sample_piece(delta, sample_group, None if grouped else order, counts, per_sample)
+                call.pieces.append(piece)
+        self._device = losses.device
         self._prune()
         sums = torch.zeros(len(self._names), dtype=torch.float64, device=losses.device)
         return sums.index_add_(0, sample_group, losses.detach().to(torch.float64))
@@ -213,11 +210,14 @@ class LayerCapture(Backend):
         items = list(losses.items())
         layers = self._layers([loss.grad_fn for _, loss in items], None)
         edges = [GradientEdge(node, 0) for node, _, _ in layers]
-        calls = self._register(layers)
-        for i, (name, loss) in enumerate(items):
-            group = self._add_group(name)
+        per_loss = []
+        for i, (_, loss) in enumerate(items):
             keep = True if i < len(items) - 1 else retain_graph
-            deltas = torch.autograd.grad(loss, edges, retain_graph=keep, allow_unused=True) if edges else ()
+            per_loss.append(torch.autograd.grad(loss, edges, retain_graph=keep, allow_unused=True) if edges else ())
+        # every backward pass succeeded: the step's state changes only now
+        calls = self._register(layers)
+        for (name, _), deltas in zip(items, per_loss, strict=True):
+            group = self._add_group(name)
             for call, delta in zip(calls, deltas, strict=True):
                 if delta is not None:
                     call.pieces.append(constant_piece(delta.detach().reshape(-1, delta.shape[-1]), group))
@@ -311,11 +311,27 @@ class LayerCapture(Backend):
         return sum(held.values())
 
 
-def _sample_piece(delta: Tensor, sample_group: Tensor, order: list[int], counts: list[int], per_sample: int) -> Piece:
-    """A ``backward_samples`` piece: ``per_sample`` consecutive rows per sample (``[B, T, d]`` inputs)."""
+def _rows_per_sample(delta: Tensor, batch: int) -> int:
+    """Rows of a layer call per sample (``T`` for ``[B, T, d]`` inputs); refuses a count that does not divide."""
+    rows = delta.numel() // delta.shape[-1]
+    per_sample, rest = divmod(rows, batch)
+    if rest or not per_sample:
+        raise CaptureError(
+            f"backward_samples: a linear layer has {rows} output rows for {batch} samples. "
+            "The batch dimension must lead every layer's input ([B, d] or [B, T, d])."
+        )
+    return per_sample
+
+
+def _sample_piece(
+    delta: Tensor, sample_group: Tensor, order: list[int] | None, counts: list[int], per_sample: int
+) -> Piece:
+    """A ``backward_samples`` piece: ``per_sample`` consecutive rows per sample; ``order`` sorts the
+    samples by group (None: already sorted)."""
+    delta = delta.detach().reshape(-1, delta.shape[-1])
     groups = sample_group if per_sample == 1 else sample_group.repeat_interleave(per_sample)
     row_order = None
-    if order != sorted(order):  # rows not already grouped: sort them for the per-group form
+    if order is not None:
         within = torch.arange(per_sample, device=delta.device)
         row_order = (torch.tensor(order, device=delta.device)[:, None] * per_sample + within).flatten()
     return Piece(delta, groups, tuple(c * per_sample for c in counts), row_order)

@@ -592,3 +592,21 @@ def test_other_backends_are_refused():
         opt.backward_tasks(_task_losses(model, x, None))
     with pytest.raises(CaptureError, match="local backend only.*Sharded"):
         opt.backward_samples(model.trunk(x).sum(1), group="a")
+
+
+def test_a_refused_capture_leaves_the_step_untouched():
+    """The row count is checked after the backward pass; a refusal must not leave groups or calls behind."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2)).double()
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    x = torch.randn(3, 3, dtype=torch.float64)
+    losses = model(x).sum(1)[:2] + model(x[:1]).sum()  # two calls of 3 and 1 rows for 2 samples
+    with pytest.raises(CaptureError, match=r"[13] output rows for 2 samples"):
+        opt.backward_samples(losses, group=["a", "b"])
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step()
+    assert opt.last_stats is None
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    opt.backward_samples(model(x).sum(1), group=["a", "b", "a"])
+    opt.step()
+    assert opt.last_stats.names == ("a", "b")
