@@ -65,3 +65,48 @@ def direction():
         return weights, weights @ a
 
     return run
+
+
+@pytest.fixture
+def real_model_step(make_model, make_batches, group_loss, group_gradients):
+    """``real_model_step(plugins, lr)``: one ``Balancer(SGD(lr), plugins)`` step of the shared float64
+    test model on the shared group batches. Returns the parameter change ``before - after`` (the
+    update, ``lr`` times the combined direction) and the group gradient rows ``[k, n]`` it started from."""
+    import torch
+
+    from balancer import Balancer
+
+    def run(plugins, lr):
+        model = make_model(dtype=torch.float64)
+        params = list(model.parameters())
+        before = torch.cat([p.detach().reshape(-1).clone() for p in params])
+        losses = {name: group_loss(model, batch) for name, batch in make_batches(dtype=torch.float64).items()}
+        grads = group_gradients(losses.values(), params)
+        opt = Balancer(torch.optim.SGD(params, lr=lr), plugins=plugins)
+        opt.backward(losses)
+        opt.step()
+        return before - torch.cat([p.detach().reshape(-1) for p in params]), grads
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def dual_cone_projection():
+    """``project(a, g)``: argmin ‖x - g‖ subject to ``a x ≥ 0``, by SLSQP in the parameter space (the
+    definition UPGrad and DualProj project with, not the Gram dual they solve)."""
+    import torch
+    from scipy.optimize import minimize
+
+    def project(a, g):
+        a, g = a.numpy(), g.numpy()
+        res = minimize(
+            lambda x: 0.5 * ((x - g) ** 2).sum(),
+            g,
+            jac=lambda x: x - g,
+            constraints={"type": "ineq", "fun": lambda x: a @ x, "jac": lambda x: a},
+            method="SLSQP",
+            options={"ftol": 1e-16, "maxiter": 1000},
+        )
+        return torch.from_numpy(res.x)
+
+    return project

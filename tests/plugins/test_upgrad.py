@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from scipy.optimize import minimize
 
 from balancer import Balancer, ConfigError
 from balancer.plugins import UPGrad
@@ -13,22 +12,10 @@ from balancer.testing import check_plugin
 f64 = torch.float64
 
 
-def _project_onto_dual_cone(a, g):
-    """argmin ‖x - g‖ subject to a x ≥ 0, solved in the parameter space (the definition, not the Gram dual)."""
-    a, g = a.numpy(), g.numpy()
-    res = minimize(
-        lambda x: 0.5 * ((x - g) ** 2).sum(),
-        g,
-        jac=lambda x: x - g,
-        constraints={"type": "ineq", "fun": lambda x: a @ x, "jac": lambda x: a},
-        method="SLSQP",
-        options={"ftol": 1e-16, "maxiter": 1000},
-    )
-    return torch.from_numpy(res.x)
-
-
-def _reference(a):
-    return torch.stack([_project_onto_dual_cone(a, g) for g in a]).mean(0)
+@pytest.fixture
+def reference(dual_cone_projection):
+    """The paper's direction: the mean of every gradient's projection onto the dual cone."""
+    return lambda a: torch.stack([dual_cone_projection(a, g) for g in a]).mean(0)
 
 
 def _cases():
@@ -44,10 +31,10 @@ def _cases():
 
 
 @pytest.mark.parametrize(("name", "a"), list(_cases()), ids=[n for n, _ in _cases()])
-def test_direction_is_the_mean_of_the_projections(name, a, direction):
+def test_direction_is_the_mean_of_the_projections(name, a, direction, reference):
     w, d = direction(UPGrad(), a)
     assert torch.isfinite(w).all()
-    ref = _reference(a)
+    ref = reference(a)
     torch.testing.assert_close(d, ref, rtol=1e-6, atol=1e-7 * a.norm(dim=1).max())
     assert (a @ d >= -1e-9 * a.norm() ** 2).all()  # conflicts with no group
 
@@ -81,26 +68,17 @@ def test_scale_invariant_unlike_torchjd_norm_eps(torchjd_aggregation, direction)
     )
 
 
-def test_incoming_weights_compose(direction):
+def test_incoming_weights_compose(direction, reference):
     a = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=f64)
     v = torch.tensor([2.0, 0.5, 1.5], dtype=f64)
     w, d = direction(UPGrad(), a, incoming=v)
-    torch.testing.assert_close(d, _reference(v[:, None] * a), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(d, reference(v[:, None] * a), rtol=1e-6, atol=1e-9)
 
 
-def test_real_model_update_is_lr_times_direction(make_model, make_batches, group_loss, group_gradients):
-    model = make_model(dtype=f64)
-    batches = make_batches(dtype=f64)
+def test_real_model_update_is_lr_times_direction(real_model_step, reference):
     lr = 0.05
-    params = list(model.parameters())
-    before = torch.cat([p.detach().reshape(-1).clone() for p in params])
-    losses = {name: group_loss(model, batch) for name, batch in batches.items()}
-    grads = group_gradients(losses.values(), params)
-    opt = Balancer(torch.optim.SGD(params, lr=lr), plugins=["upgrad"])
-    opt.backward(losses)
-    opt.step()
-    after = torch.cat([p.detach().reshape(-1) for p in params])
-    torch.testing.assert_close(before - after, lr * _reference(grads), rtol=1e-6, atol=1e-9)
+    update, grads = real_model_step(["upgrad"], lr)
+    torch.testing.assert_close(update, lr * reference(grads), rtol=1e-6, atol=1e-9)
 
 
 def test_conformance():
