@@ -161,14 +161,15 @@ def _shared_gram(calls: list[Call], k: int, with_bias: bool) -> Tensor:
     spread = torch.zeros((k * rows, first.shape[1]), dtype=first.dtype, device=first.device)  # E, [k·R, d_out]
     start = 0
     for call in calls:
-        span = torch.arange(start, start + call.x.shape[0], device=x.device)  # type: ignore[union-attr]
+        stop = start + call.x.shape[0]  # type: ignore[union-attr]
         for piece in call.pieces:
-            if piece.group is not None:
+            if piece.group is not None:  # one group: a slice of its block
                 g = piece.group * rows
-                spread[g + start : g + start + len(span)] += work(piece.delta)
+                spread[g + start : g + stop] += work(piece.delta)
             else:
-                spread.index_add_(0, piece.groups * rows + span, work(piece.delta))
-        start += call.x.shape[0]  # type: ignore[union-attr]
+                at = piece.groups * rows + torch.arange(start, stop, device=x.device)
+                spread.index_add_(0, at, work(piece.delta))
+        start = stop
     spread = spread.view(k, rows, -1)
     mixed = torch.matmul(_inputs_gram(x, with_bias), spread)  # K E_l, [k, R, d_out]
     return spread.flatten(1) @ mixed.flatten(1).T
