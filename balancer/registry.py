@@ -7,6 +7,22 @@ its distribution and the others keep working; ``BALANCER_STRICT_PLUGINS=1`` turn
 into a :class:`~balancer.errors.PluginLoadError`. ``BALANCER_DISABLE_PLUGIN_AUTOLOAD=1`` skips the
 entry points of every distribution but this one, so only the built-ins and plugins passed as
 classes or instances are available.
+
+Name clashes. A plugin name means one class, decided the same way whatever order
+``importlib.metadata`` enumerates distributions in:
+
+- This project's distribution is loaded first, so the built-ins always own their names. A
+  third-party plugin taking a built-in's name is skipped alone (the rest of its package loads)
+  with a :class:`~balancer.errors.PluginWarning` naming both distributions.
+- A name provided by two or more third-party packages is ambiguous: none of them gets it, it is
+  left out of :meth:`Registry.list` (and ``balancer plugins``) with a warning, and
+  :meth:`Registry.get` raises a :class:`~balancer.errors.PluginLoadError` naming every provider.
+  Picking one (first enumerated, or alphabetical) would silently run a plugin the user may not
+  have meant.
+- In both cases the plugin stays usable as a class or instance: ``Balancer(opt, plugins=[TheirPlugin()])``.
+  Under ``BALANCER_STRICT_PLUGINS=1`` a clash is a ``PluginLoadError`` and nothing of that entry
+  point is registered. A clash inside one distribution, or with :meth:`Registry.register` by
+  hand, is always a ``PluginLoadError``.
 """
 
 from __future__ import annotations
@@ -34,6 +50,34 @@ _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 def _normalize(dist_name: str) -> str:
     """PEP 503 normalized distribution name: `Gradient_Balancer` and `gradient-balancer` are the same."""
     return re.sub(r"[-_.]+", "-", dist_name).lower()
+
+
+def _describe(info: PluginInfo) -> str:
+    return f"`{info.distribution}` {info.version}" if info.version else f"`{info.distribution}`"
+
+
+def _ambiguity(name: str, providers: list[PluginInfo]) -> str:
+    return f"Plugin name `{name}` is provided by {' and '.join(map(_describe, providers))}"
+
+
+def _clash(new: PluginInfo, owners: list[PluginInfo]) -> tuple[str, list[PluginInfo]]:
+    """A name clash in words, and the plugins of that name a user can still pick (as classes)."""
+    if _normalize(owners[0].distribution) == OWN_DISTRIBUTION:
+        taken = f"is already taken by the built-in plugin of {_describe(owners[0])}; built-ins are never replaced"
+        return f"Plugin name `{new.name}` of {_describe(new)} {taken}", [new]
+    # Sorted, so that warnings and errors are the same whatever the enumeration order.
+    providers = sorted([*owners, new], key=lambda i: (_normalize(i.distribution), i.version, str(i.plugin_class)))
+    return _ambiguity(new.name, providers), providers
+
+
+def _how_to_use(infos: list[PluginInfo]) -> str:
+    """How to use a plugin that is not available by name: pass its class or an instance."""
+    ways = ", or ".join(
+        f"`Balancer(opt, plugins=[{i.plugin_class.__module__}.{i.plugin_class.__qualname__}()])` for {_describe(i)}"
+        for i in infos
+    )
+    which = "it" if len(infos) == 1 else "one of them"
+    return f"To use {which}, pass the plugin class or an instance instead of the name: {ways}."
 
 
 def _env_flag(name: str) -> bool:
@@ -74,6 +118,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._plugins: dict[str, PluginInfo] = {}
+        self._ambiguous: dict[str, list[PluginInfo]] = {}  # name -> every third-party provider, sorted
         self._loaded = False
         self._loading = False
         self._attempted: set[tuple[str, str]] = set()  # (distribution, entry point) loaded or reported
@@ -87,30 +132,37 @@ class Registry:
         Entry points are loaded first, so a name clash is always reported against this call.
         """
         self.load()
-        self._commit(self._collect_from_classes([plugin_class], distribution, version))
+        self._add(self._collect_from_classes([plugin_class], distribution, version), from_package=False)
 
     def unregister(self, name: str) -> None:
+        """Frees ``name``, whoever holds it (one plugin, or every provider of an ambiguous name)."""
         self._plugins.pop(name, None)
+        self._ambiguous.pop(name, None)
 
     def register_hooks(self, obj: object, *, distribution: str = "<local>", version: str = "") -> None:
         """Registers a module or object that implements ``balancer_register_plugins``."""
         self.load()
-        self._commit(self._collect_from_hooks(obj, f"{distribution}:{id(obj)}", distribution, version))
+        self._add_hooks(obj, f"{distribution}:{id(obj)}", distribution, version, from_package=False)
 
     def _collect_from_classes(self, classes: list[Any], distribution: str, version: str) -> dict[str, PluginInfo]:
         found: dict[str, PluginInfo] = {}
         for obj in classes:
             cls = _check_plugin_class(obj)
-            if cls.name in found or cls.name in self._plugins:
-                owner = found.get(cls.name) or self._plugins[cls.name]
+            if cls.name in found:
                 raise PluginLoadError(
-                    f"Plugin name `{cls.name}` from `{distribution}` is already registered by "
-                    f"`{owner.distribution}`. Rename one of them."
+                    f"Plugin name `{cls.name}` from `{distribution}` is already registered by `{distribution}`. "
+                    "Rename one of them."
                 )
             found[cls.name] = PluginInfo(cls.name, distribution, version, cls.summary(), cls)
         return found
 
-    def _collect_from_hooks(self, obj: object, pm_name: str, distribution: str, version: str) -> dict[str, PluginInfo]:
+    def _add_hooks(
+        self, obj: object, pm_name: str, distribution: str, version: str, *, from_package: bool, strict: bool = False
+    ) -> list[str]:
+        """Registers ``obj``'s hooks and the plugins it declares; all or nothing if anything raises.
+
+        Returns the warnings about plugins skipped for a name clash (see :meth:`_add`).
+        """
         self._pm.register(obj, name=pm_name)
         try:
             self._pm.check_pending()
@@ -124,13 +176,47 @@ class Registry:
             impls = [i for i in self._pm.hook.balancer_register_plugins.get_hookimpls() if i.plugin is obj]
             for impl in impls:  # pluggy lets an implementation take a subset of the arguments
                 impl.function(*(hook_args[arg] for arg in impl.argnames))
-            return self._collect_from_classes(classes, distribution, version)
+            found = self._collect_from_classes(classes, distribution, version)
+            return self._add(found, from_package=from_package, strict=strict)
         except BaseException:
             self._pm.unregister(obj)
             raise
 
-    def _commit(self, found: dict[str, PluginInfo]) -> None:
-        self._plugins.update(found)
+    def _add(self, found: dict[str, PluginInfo], *, from_package: bool, strict: bool = False) -> list[str]:
+        """Adds ``found`` under their names, following the clash rules of the module docstring.
+
+        A clash raises (and nothing is added) for a registration by hand, a clash inside one
+        distribution, or strict mode. Otherwise a plugin clashing with a built-in is skipped and
+        one clashing with another package makes the name ambiguous. Returns the warnings to emit.
+        """
+        clashes: dict[str, tuple[str, list[PluginInfo]]] = {}
+        for info in found.values():
+            owners = [self._plugins[info.name]] if info.name in self._plugins else self._ambiguous.get(info.name, [])
+            if not owners:
+                continue
+            if not from_package or any(_normalize(o.distribution) == _normalize(info.distribution) for o in owners):
+                by = " and ".join(f"`{o.distribution}`" for o in owners)
+                raise PluginLoadError(
+                    f"Plugin name `{info.name}` from `{info.distribution}` is already registered by {by}. "
+                    "Rename one of them."
+                )
+            clashes[info.name] = what, usable = _clash(info, owners)
+            if strict:
+                raise PluginLoadError(f"{what}. {_how_to_use(usable)}")
+        messages = []
+        for info in found.values():
+            what, usable = clashes.get(info.name, ("", []))
+            if not usable:
+                self._plugins[info.name] = info
+            elif usable == [info]:  # a built-in's name
+                messages.append(
+                    f"{what}, so it was skipped (the other plugins of `{info.distribution}` are loaded). "
+                    f"{_how_to_use(usable)} Set BALANCER_STRICT_PLUGINS=1 to make this an error."
+                )
+            else:  # another package's name: ambiguous from now on, warned about at the end of load()
+                self._plugins.pop(info.name, None)
+                self._ambiguous[info.name] = usable
+        return messages
 
     # -- discovery --------------------------------------------------------------------------
     def load(self) -> None:
@@ -145,27 +231,38 @@ class Registry:
         try:
             strict = _env_flag("BALANCER_STRICT_PLUGINS")
             own_only = _env_flag("BALANCER_DISABLE_PLUGIN_AUTOLOAD")
-            seen: set[str] = set()
+            dists: dict[str, importlib.metadata.Distribution] = {}  # normalized name -> first found on the path
             for dist in importlib.metadata.distributions():
-                dist_name = dist.metadata["Name"] or "<unknown>"
-                key = _normalize(dist_name)
-                if key in seen:
-                    continue
-                seen.add(key)
+                dists.setdefault(_normalize(dist.metadata["Name"] or "<unknown>"), dist)
+            for key, dist in sorted(dists.items(), key=lambda item: item[0] != OWN_DISTRIBUTION):  # built-ins first
                 if own_only and key != OWN_DISTRIBUTION:
                     continue
+                dist_name = dist.metadata["Name"] or "<unknown>"
                 for ep in dist.entry_points:
                     if ep.group == ENTRY_POINT_GROUP and (key, ep.name) not in self._attempted:
-                        self._load_entry_point(ep, dist_name, dist.version, strict)
+                        skipped = self._load_entry_point(ep, dist_name, dist.version, strict)
                         self._attempted.add((key, ep.name))
+                        for message in skipped:
+                            warnings.warn(message, PluginWarning, stacklevel=3)
+            for name, providers in sorted(self._ambiguous.items()):
+                warnings.warn(
+                    f"{_ambiguity(name, providers)}; the name is ambiguous, so it is left out and asking for "
+                    f"it by name is an error (the other plugins of these packages are loaded). "
+                    f"{_how_to_use(providers)} Set BALANCER_STRICT_PLUGINS=1 to make this an error.",
+                    PluginWarning,
+                    stacklevel=3,
+                )
             self._loaded = True
         finally:
             self._loading = False
 
-    def _load_entry_point(self, ep: importlib.metadata.EntryPoint, dist_name: str, version: str, strict: bool) -> None:
+    def _load_entry_point(
+        self, ep: importlib.metadata.EntryPoint, dist_name: str, version: str, strict: bool
+    ) -> list[str]:
+        """Loads one entry point; returns the warnings about plugins skipped for a name clash."""
         try:
             obj = ep.load()
-            self._commit(self._collect_from_hooks(obj, f"{dist_name}:{ep.name}", dist_name, version))
+            return self._add_hooks(obj, f"{dist_name}:{ep.name}", dist_name, version, from_package=True, strict=strict)
         except Exception as exc:
             message = (
                 f"Could not load balancer plugins from distribution `{dist_name}` {version} "
@@ -181,6 +278,7 @@ class Registry:
                 PluginWarning,
                 stacklevel=4,
             )
+            return []
 
     def make_backend(self, target: Any) -> Any:
         """Asks the integrations for a backend for ``target``; ``None`` if none claims it."""
@@ -198,6 +296,12 @@ class Registry:
 
     def get(self, name: str) -> PluginInfo:
         self.load()
+        if name in self._ambiguous:
+            providers = self._ambiguous[name]
+            raise PluginLoadError(
+                f"Plugin name `{name}` is ambiguous: it is provided by {' and '.join(map(_describe, providers))}. "
+                f"{_how_to_use(providers)} Or uninstall all but one of these packages."
+            )
         try:
             return self._plugins[name]
         except KeyError:
