@@ -9,10 +9,15 @@ The step protocol, as the core drives it::
 
     backend.enter(name) ... backward ... backend.exit()      # any number of times, any order
     gram = backend.gram()           # [k, k] float64, global, on backend.stats_device
+                                    # (ungrouped=True: [k+1, k+1], the ungrouped gradient last)
+    gram = backend.refine_gram(gram, rows)  # only for rows whose fast statistics are not trustworthy
     backend.drop(rows)              # only when some groups were non-finite
     backend.combine(weights, ...)   # Σ_k w_k g_k (+ ungrouped) where the inner optimizer reads it
     backend.optimizer_step(closure)     # inner.step(), or engine.step() for DeepSpeed
-    backend.end_step()
+    backend.end_step()              # or, if anything after combine() failed: backend.revert()
+
+A step is all or nothing: ``combine`` never writes the group rows, and ``revert`` puts ``.grad``
+and the ungrouped gradient back as they were, so a failed step can be retried.
 
 A backend is chosen from what ``Balancer(...)`` is given: integrations implement the hook
 ``balancer_make_backend(target)``; a plain ``torch.optim.Optimizer`` that no integration claims
@@ -103,9 +108,30 @@ class Backend(abc.ABC):
     def exit(self) -> None:
         """Routes gradients back to the ungrouped gradient."""
 
+    ungrouped_gram: bool = False
+    """Whether :meth:`gram` can include the ungrouped gradient (``ungrouped=True``); backends that
+    cannot are clipped from the combined update instead (:meth:`update_norm`)."""
+
     @abc.abstractmethod
-    def gram(self) -> Tensor:
-        """The exact global ``[k, k]`` float64 Gram matrix of the present groups."""
+    def gram(self, *, ungrouped: bool = False) -> Tensor:
+        """The exact global ``[k, k]`` float64 Gram matrix of the present groups.
+
+        ``ungrouped=True`` (only where :attr:`ungrouped_gram`): ``[k+1, k+1]``, index ``k`` the
+        ungrouped gradient (zeros when there is none), for the norm of the update.
+        """
+
+    @property
+    def gram_floor(self) -> float:
+        """Diagonal entries of :meth:`gram` below this may have lost precision to underflow (the
+        fast path works in the gradients' dtype); the step then asks :meth:`refine_gram`."""
+        return 0.0
+
+    def refine_gram(self, gram: Tensor, rows: Sequence[int]) -> Tensor:
+        """``gram`` with the entries of ``rows`` made trustworthy: a finite row never gives a
+        non-finite or underflowed entry (overflow above ~1e19, underflow below ~1e-19 in float32).
+        ``rows`` index ``gram`` (the ungrouped gradient is the last index when it is included).
+        Every rank calls it at the same point. The default returns ``gram`` unchanged."""
+        return gram
 
     def reserve_rows(self, count: int) -> None:
         """A hint from a checkpoint: steps capture up to ``count`` groups, so room for them may be
@@ -140,8 +166,35 @@ class Backend(abc.ABC):
         """Zeroes the rows of non-finite groups so they cannot leak into the combination."""
 
     @abc.abstractmethod
-    def combine(self, weights: Tensor, *, scale: float = 1.0) -> None:
-        """Writes ``scale · (ungrouped + Σ_k weights_k g_k)`` where the inner optimizer reads gradients."""
+    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0) -> None:
+        """Writes ``scale · (ungrouped + Σ_k weights_k g_k)`` where the inner optimizer reads gradients.
+
+        ``scale`` may be a 0-d tensor (a clip coefficient, never read on the host). The group
+        rows are not written, so :meth:`revert` can undo it.
+        """
+
+    def revert(self) -> None:
+        """Undoes this step's :meth:`combine` (and any move of the ungrouped gradient): ``.grad``
+        and the ungrouped gradient are as before, the groups still pending. Default: nothing to undo."""
+
+    def update_norm(self, norm_type: float) -> Tensor:
+        """The global ``norm_type``-norm (0-d float64) of what :meth:`combine` wrote (of the
+        ungrouped gradient when no group is pending). Backends that cannot raise NotImplementedError."""
+        raise NotImplementedError(f"{type(self).__name__} computes update norms only from the Gram matrix (L2).")
+
+    def scale_update(self, factor: Tensor) -> None:
+        """Multiplies what :meth:`combine` wrote (the ungrouped gradient when no group is pending) by ``factor``."""
+        raise NotImplementedError(f"{type(self).__name__} clips only through combine().")
+
+    def capture_token(self) -> Any:
+        """A value that changes when a backward pass adds to the ungrouped gradient (``None``: not
+        tracked). Lets the step refuse gradients added after ``clip_grad_norm_`` measured them."""
+        return None
+
+    def framework_clipping(self) -> float | None:
+        """The max norm to which the framework itself clips the combined update (DeepSpeed's
+        ``gradient_clipping``), or ``None``."""
+        return None
 
     @abc.abstractmethod
     def end_step(self) -> None:

@@ -1,35 +1,53 @@
-"""``FlatBuffer``: the group rows and the combined gradient of parameters of one (device, dtype).
+"""``FlatBuffer``: the group rows and the update row of the parameters of one (device, dtype).
 
-Row ``i`` holds group ``i``'s gradient flattened over the parameters (``n`` numbers). Rows live
-in one contiguous ``[k, n]`` block in steady state; when a new group appears mid-step, its row
-gets a block of its own (no copy of the rows already captured), and the blocks are merged into
-one at the end of the step. ``base`` (``n`` numbers) receives ``ungrouped + Σ_k w_k g_k``; the
-parameters' ``.grad`` are then views into it, exactly where the inner optimizer reads.
+Layout: one contiguous block ``[1 + capacity, n]``. Row 0 is ``base``: it holds the ungrouped
+gradient while groups are captured, then ``ungrouped + Σ_k w_k g_k``, and every parameter's
+``.grad`` is a view into it, exactly where the inner optimizer reads. Group ``i`` lives in row
+``1 + i``. Keeping ``base`` right before the group rows makes ``[base; g_1 … g_m]`` one contiguous
+matrix, so the Gram matrix *with* the cross terms ``⟨ungrouped, g_k⟩`` (what the norm of the
+update needs, see :mod:`balancer._clip`) is the same single GEMM as the Gram matrix alone.
+
+When a new group appears mid-step its row gets a block of its own (nothing captured is copied);
+the Gram matrix and the combination then read the blocks tile by tile, a few columns of every
+block gathered into a small scratch matrix, so ``k`` blocks cost the same passes as one; the
+blocks are merged into one at the end of the step.
+
+Complex parameters are statistics over their real and imaginary parts (``view_as_real``): the
+inner product of two complex gradients is ``Re Σ a·conj(b)``, the one their norms come from.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["FlatBuffer", "TensorKind", "gram_of"]
+__all__ = ["FlatBuffer", "TensorKind", "gram_of", "stacked_gram"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _GRAM_MIN_TILE = 1024  # columns per tile of the batched Gram product (faster and more accurate than one GEMM)
 _GRAM_MAX_PARTIALS = 1 << 20  # cap on the numbers in the per-tile partial products
 _UPCAST_CHUNK = 1 << 20  # columns per float32 upcast of low-precision rows
+_MERGE_TILE = 1 << 16  # columns gathered at a time when rows span several blocks (at least),
+_MERGE_MAX_TILES = 64  # and few enough tiles that the Python loop stays short
+
+
+def real_rows(t: Tensor) -> Tensor:
+    """``[r, n]`` rows as real numbers: complex rows become ``[r, 2n]`` (real and imaginary parts)."""
+    return torch.view_as_real(t).flatten(1) if t.is_complex() else t
 
 
 def gram_of(a: Tensor, b: Tensor | None = None) -> Tensor:
     """``a bᵀ`` (``b`` defaults to ``a``) for ``[r, n]`` row blocks, summed over column tiles.
 
     Low-precision rows are upcast to float32 chunk by chunk, so the statistics do not inherit
-    bfloat16's 8-bit mantissa.
+    bfloat16's 8-bit mantissa. Complex rows give the real inner product ``Re Σ a·conj(b)``.
     """
-    b = a if b is None else b
+    a = real_rows(a)
+    b = a if b is None else real_rows(b)
     if a.dtype in _LOW_PRECISION:
         out = torch.zeros((a.shape[0], b.shape[0]), dtype=torch.float32, device=a.device)
         for ca, cb in zip(a.split(_UPCAST_CHUNK, dim=1), b.split(_UPCAST_CHUNK, dim=1), strict=True):
@@ -49,6 +67,43 @@ def gram_of(a: Tensor, b: Tensor | None = None) -> Tensor:
     return out
 
 
+def _column_tiles(n: int) -> Iterator[tuple[int, int]]:
+    tile = max(_MERGE_TILE, math.ceil(n / _MERGE_MAX_TILES))
+    for lo in range(0, n, tile):
+        yield lo, min(n, lo + tile)
+
+
+def stacked_gram(parts: list[Tensor], *, exact: bool = False) -> Tensor:
+    """The Gram matrix of the rows of ``parts`` stacked in order (``[Σ r_i, Σ r_i]``).
+
+    One part is :func:`gram_of`; several are read tile by tile, each tile of every part gathered
+    into one scratch matrix, so the rows are read once whatever their number of blocks.
+
+    ``exact``: float64 with every row scaled by its largest magnitude first, so no finite row
+    overflows or underflows (norms from 1e-300 to 1e300); zero rows stay exactly zero and
+    non-finite rows stay non-finite. Slower: for the rare steps whose fast statistics are not
+    trustworthy (see :meth:`balancer.backend.Backend.refine_gram`).
+    """
+    parts = [real_rows(p) for p in parts]
+    if not exact and len(parts) == 1:
+        return gram_of(parts[0])
+    rows = sum(p.shape[0] for p in parts)
+    device = parts[0].device
+    if exact:
+        scale = torch.cat([p.abs().amax(1) if p.shape[1] else p.new_zeros(p.shape[0]) for p in parts]).double()
+        scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, 1.0)
+        dtype = torch.float64
+    else:
+        dtype = torch.float32 if parts[0].dtype in _LOW_PRECISION else parts[0].dtype
+    out = torch.zeros((rows, rows), dtype=dtype, device=device)
+    for lo, hi in _column_tiles(parts[0].shape[1]):
+        tile = torch.cat([p[:, lo:hi] for p in parts]).to(dtype)
+        if exact:
+            tile = tile / scale[:, None]
+        out.addmm_(tile, tile.T)
+    return out * (scale[:, None] * scale[None, :]) if exact else out
+
+
 class TensorKind:
     """How a parameter's gradient is stored: plain tensors here; sharded backends (FSDP2) store a
     local shard wrapped in a distributed tensor and override both methods."""
@@ -65,7 +120,7 @@ class TensorKind:
 
 
 class FlatBuffer:
-    """Group rows and the combined-gradient row for parameters of one (device, dtype)."""
+    """The update row (``base``) and the group rows for parameters of one (device, dtype)."""
 
     def __init__(self, params: list[Tensor], kind: type[TensorKind] = TensorKind) -> None:
         self.params = params
@@ -77,47 +132,75 @@ class FlatBuffer:
         for t in self.locals:
             self.offsets.append(self.offsets[-1] + t.numel())
         self.n = self.offsets[-1]
-        self.blocks: list[Tensor] = []
-        self.base: Tensor | None = None
+        self.blocks: list[Tensor] = []  # blocks[0][0] is base; then the group rows, in order
         self.saved: list[Tensor | None] = []
         self._row_views: dict[int, list[Tensor]] = {}
         self._base_views: list[Tensor] | None = None
+        self._undo: tuple[list[Tensor | None], Tensor | None] | None = None
 
     # -- storage ---------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
-        return sum(block.shape[0] for block in self.blocks)
+        """Group rows held (the base row excluded)."""
+        return sum(block.shape[0] for block in self.blocks) - (1 if self.blocks else 0)
 
     def nbytes(self) -> int:
-        return sum(block.numel() * block.element_size() for block in self.blocks)
+        """Bytes of the group rows (the base row replaces the ``.grad`` storage: not extra)."""
+        return self.capacity * self.n * self.blocks[0].element_size() if self.blocks else 0
+
+    @property
+    def base(self) -> Tensor | None:
+        return self.blocks[0][0] if self.blocks else None
 
     def ensure_rows(self, count: int) -> None:
-        """Makes room for ``count`` rows; new rows get a block of their own (nothing is copied)."""
+        """Makes room for ``count`` group rows; new rows get a block of their own (nothing is copied)."""
+        if not self.blocks:
+            self.blocks.append(torch.empty((1 + count, self.n), dtype=self.dtype, device=self.device))
+            return
         missing = count - self.capacity
         if missing > 0:
             self.blocks.append(torch.empty((missing, self.n), dtype=self.dtype, device=self.device))
 
     def consolidate(self) -> None:
-        """Between steps: one contiguous block with room for every row (the rows' values are spent)."""
-        if len(self.blocks) > 1:
-            capacity = self.capacity
-            self.blocks = []
-            self._row_views = {}  # the views would keep the old blocks alive: 2·k·n at the peak
-            self.blocks = [torch.empty((capacity, self.n), dtype=self.dtype, device=self.device)]
+        """Between steps: one contiguous block with room for every row (the group rows are spent;
+        ``base`` keeps the update, which ``.grad`` shows until ``zero_grad``)."""
+        self._undo = None
+        if len(self.blocks) <= 1:
+            return
+        capacity = self.capacity
+        base_views = self.base_views()
+        on_base = [self.same(p.grad, view) for p, view in zip(self.params, base_views, strict=True)]
+        update = self.blocks[0][0].clone()
+        for p, used in zip(self.params, on_base, strict=True):
+            if used:
+                p.grad = None  # no reference may keep the old blocks alive: 2·k·n at the peak otherwise
+        self.blocks, self._row_views, self._base_views = [], {}, None
+        self.blocks = [torch.empty((1 + capacity, self.n), dtype=self.dtype, device=self.device)]
+        self.blocks[0][0].copy_(update)
+        del update
+        for p, view, used in zip(self.params, self.base_views(), on_base, strict=True):
+            if used:
+                p.grad = view
 
-    def row_blocks(self, m: int) -> Iterator[tuple[int, Tensor]]:
-        """``(first row, block)`` pairs covering rows ``0 .. m-1``."""
-        start = 0
-        for block in self.blocks:
+    def parts(self, m: int, with_base: bool = False) -> list[Tensor]:
+        """Row blocks covering ``[base;] g_1 … g_m`` in order (views, one per storage block)."""
+        out = [self.blocks[0][(0 if with_base else 1) : 1 + m]]
+        start = self.blocks[0].shape[0] - 1
+        for block in self.blocks[1:]:
             if start >= m:
-                return
-            yield start, block[: m - start]
+                break
+            out.append(block[: m - start])
             start += block.shape[0]
+        return [p for p in out if p.shape[0]]
 
     def row(self, i: int) -> Tensor:
-        for start, block in self.row_blocks(i + 1):
-            if i < start + block.shape[0]:
-                return block[i - start]
+        """Group ``i``'s row."""
+        start = 0
+        for j, block in enumerate(self.blocks):
+            rows = block.shape[0] - (1 if j == 0 else 0)
+            if i < start + rows:
+                return block[i - start + (1 if j == 0 else 0)]
+            start += rows
         raise IndexError(i)
 
     def _views(self, flat: Tensor) -> list[Tensor]:
@@ -130,10 +213,9 @@ class FlatBuffer:
         return self._row_views[i]
 
     def base_views(self) -> list[Tensor]:
-        if self.base is None:
-            self.base = torch.zeros(self.n, dtype=self.dtype, device=self.device)
         if self._base_views is None:
-            self._base_views = self._views(self.base)
+            assert self.blocks, "base_views() before the first group row was made"
+            self._base_views = self._views(self.blocks[0][0])
         return self._base_views
 
     # -- capture ---------------------------------------------------------------------------
@@ -158,6 +240,16 @@ class FlatBuffer:
         for j, p in enumerate(self.params):
             p.grad = None if views is None else views[j]
 
+    def not_dense(self) -> list[int]:
+        """Parameters whose ``.grad`` is not a dense (strided) tensor, e.g. ``nn.Embedding(sparse=True)``."""
+        return [j for j, p in enumerate(self.params) if p.grad is not None and p.grad.layout != torch.strided]
+
+    def abandon_group(self) -> None:
+        """Gives the ungrouped gradients back without touching any row (a refused capture)."""
+        for p, saved in zip(self.params, self.saved, strict=True):
+            p.grad = saved
+        self.saved = []
+
     def end_group(self, i: int, fresh: bool) -> None:
         """Moves what the backward passes left in ``.grad`` into row ``i``; restores the ungrouped grads."""
         for p, view, saved in zip(self.params, self.row_views(i), self.saved, strict=True):
@@ -176,14 +268,37 @@ class FlatBuffer:
         # rows may now carry a graph. Group gradients are data here: keep values, drop the graph.
         if any(block.requires_grad for block in self.blocks):
             self.blocks = [block.detach() for block in self.blocks]
-            self._row_views = {}
+            self._row_views, self._base_views = {}, None
 
     # -- combination -----------------------------------------------------------------------
     def has_ungrouped(self) -> bool:
         return any(p.grad is not None for p in self.params)
 
+    def _record_undo(self) -> None:
+        """Before the first change to ``.grad`` or ``base`` in a step: what :meth:`revert` restores."""
+        if self._undo is not None:
+            return
+        grads = [p.grad for p in self.params]
+        on_base = self._base_views is not None and any(
+            self.same(g, v) for g, v in zip(grads, self._base_views, strict=True)
+        )
+        self._undo = (grads, self.blocks[0][0].clone() if on_base else None)
+
+    def revert(self) -> None:
+        """Undoes :meth:`adopt_ungrouped` and :meth:`combine` of this step: ``.grad`` and the
+        ungrouped gradient are as they were (the rows are never written by either)."""
+        if self._undo is None:
+            return
+        grads, base = self._undo
+        if base is not None:
+            self.blocks[0][0].copy_(base)
+        for p, grad in zip(self.params, grads, strict=True):
+            p.grad = grad
+        self._undo = None
+
     def adopt_ungrouped(self) -> None:
         """Moves every ungrouped ``.grad`` into ``base`` (zeros where none) and points ``.grad`` at it."""
+        self._record_undo()
         for p, view in zip(self.params, self.base_views(), strict=True):
             grad = p.grad
             if self.same(grad, view):
@@ -191,35 +306,68 @@ class FlatBuffer:
             if grad is None:
                 self.kind.local(view).zero_()
             else:
-                self.kind.local(view).copy_(self.kind.local(grad))
+                local = self.kind.local(grad)
+                self.kind.local(view).copy_(local.to_dense() if local.layout != torch.strided else local)
             p.grad = view
 
-    def combine(self, m: int, weights: Tensor, scale: float) -> None:
-        """``base = scale · (ungrouped + Σ_i w_i row_i)``, one GEMV per block; ``.grad`` → ``base``."""
+    def combine(self, m: int, weights: Tensor, scale: float | Tensor) -> None:
+        """``base = scale · (ungrouped + Σ_i w_i row_i)``; ``.grad`` → ``base``.
+
+        One GEMV per block (several blocks: tile by tile). ``scale`` may be a 0-d tensor (a clip
+        coefficient, kept on the device); then an ungrouped gradient costs one more pass over ``n``.
+        """
+        self._record_undo()
         keep = self.has_ungrouped()
         if keep:
             self.adopt_ungrouped()
         views = self.base_views()
-        assert self.base is not None
-        w = weights.to(device=self.device, dtype=self.dtype)
-        beta = scale if keep else 0.0  # beta 0 ignores base's stale values (NaN included)
-        for start, block in self.row_blocks(m):
-            self.base.addmv_(block.T, w[start : start + block.shape[0]], beta=beta, alpha=scale)
-            beta = 1.0
+        base = self.blocks[0][0]
+        w = weights.to(device=self.device)
+        if isinstance(scale, Tensor):
+            w, alpha = w * scale.to(w), 1.0
+            if keep:
+                base.mul_(scale.to(device=self.device, dtype=base.real.dtype))
+            beta = 1.0 if keep else 0.0  # beta 0 ignores base's stale values (NaN included)
+        else:
+            alpha, beta = scale, (scale if keep else 0.0)
+        w = w.to(self.dtype)
+        parts = self.parts(m)
+        if len(parts) <= 2:
+            start = 0
+            for block in parts:
+                base.addmv_(block.T, w[start : start + block.shape[0]], beta=beta, alpha=alpha)
+                start, beta = start + block.shape[0], 1.0
+        else:
+            for lo, hi in _column_tiles(self.n):
+                tile = torch.cat([p[:, lo:hi] for p in parts])
+                base[lo:hi].addmv_(tile.T, w, beta=beta, alpha=alpha)
         for p, view in zip(self.params, views, strict=True):
             p.grad = view
 
-    def gram(self, m: int, columns: slice = slice(None)) -> Tensor:
-        parts = [(start, block[:, columns]) for start, block in self.row_blocks(m)]
-        if len(parts) == 1:
-            return gram_of(parts[0][1])
-        out = torch.empty(
-            (m, m), dtype=torch.float32 if self.dtype in _LOW_PRECISION else self.dtype, device=self.device
-        )
-        for si, bi in parts:
-            for sj, bj in parts:
-                out[si : si + bi.shape[0], sj : sj + bj.shape[0]] = gram_of(bi, bj)
-        return out
+    def gram(self, m: int, columns: slice = slice(None), with_base: bool = False) -> Tensor:
+        """Gram matrix of the ``m`` group rows (restricted to ``columns``); ``with_base``: of
+        ``[ungrouped; rows]``, index 0 the ungrouped gradient (zero if there is none)."""
+        if with_base and self.has_ungrouped():
+            self.adopt_ungrouped()
+            return stacked_gram([p[:, columns] for p in self.parts(m, with_base=True)])
+        gram = stacked_gram([p[:, columns] for p in self.parts(m)])
+        if not with_base:
+            return gram
+        return torch.nn.functional.pad(gram, (1, 0, 1, 0))
+
+    def exact_gram(self, m: int, columns: slice = slice(None), with_base: bool = False) -> Tensor:
+        """:meth:`gram` in float64 with every row scaled first (see :func:`stacked_gram`)."""
+        base = with_base and self.has_ungrouped()
+        gram = stacked_gram([p[:, columns] for p in self.parts(m, with_base=base)], exact=True)
+        return torch.nn.functional.pad(gram, (1, 0, 1, 0)) if with_base and not base else gram
+
+    def amax(self, rows: list[int], columns: slice = slice(None)) -> Tensor:
+        """``[len(rows)]`` largest magnitude of each listed group row (``-1``: the ungrouped gradient)."""
+        out = []
+        for i in rows:
+            row = (self.blocks[0][0] if i < 0 else self.row(i))[columns]
+            out.append(real_rows(row[None]).abs().amax() if row.numel() else row.new_zeros(()).real)
+        return torch.stack(out).double() if out else torch.zeros(0, dtype=torch.float64, device=self.device)
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -4,11 +4,18 @@ Inside ``with opt.group(name)`` the backward passes' gradients go to ``name``'s 
 buffer per (device, dtype) (:mod:`balancer.flat_buffer`); the ungrouped gradients are set aside
 and restored when the block ends. At step time one Gram product and one GEMV per buffer turn
 the rows into ``ungrouped + Σ_k w_k g_k``, written where the inner optimizer reads ``.grad``.
+
+Refused at capture, each with a :class:`~balancer.errors.CaptureError` that leaves the Balancer
+usable: a parameter listed twice in the inner optimizer (it would be stepped twice or, in the
+rows, never), a parameter whose ``requires_grad`` was turned on between two groups of one step
+(its gradient would bypass the groups), and sparse gradients inside a group
+(``nn.Embedding(sparse=True)``; an ungrouped sparse gradient is made dense in the update).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -18,6 +25,23 @@ from .errors import CaptureError
 from .flat_buffer import FlatBuffer, TensorKind
 
 __all__ = ["FlatBuffer", "LocalBackend", "TensorKind"]
+
+_UNDERFLOW_MARGIN = 1e6  # a Gram diagonal this many times above n·tiny keeps 1e-6 relative accuracy
+
+
+def check_unique_params(optimizer: torch.optim.Optimizer) -> None:
+    """Refuses a parameter listed twice in ``optimizer.param_groups``, naming both places."""
+    seen: dict[int, str] = {}
+    for g, group in enumerate(optimizer.param_groups):
+        for i, p in enumerate(group["params"]):
+            where = f"param_groups[{g}]['params'][{i}] (shape {tuple(p.shape)})"
+            if id(p) in seen:
+                raise CaptureError(
+                    f"A parameter is listed twice in the inner optimizer: {seen[id(p)]} and {where}. The Balancer "
+                    "keeps one gradient per parameter, so it would be stepped twice or never. List each parameter "
+                    "once (e.g. deduplicate with `list(dict.fromkeys(params))`)."
+                )
+            seen[id(p)] = where
 
 
 class LocalBackend(Backend):
@@ -29,15 +53,18 @@ class LocalBackend(Backend):
     """
 
     kind: type[TensorKind] = TensorKind
+    ungrouped_gram = True
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         super().__init__()
+        check_unique_params(optimizer)
         self._optimizer = optimizer
         self._buffers: list[FlatBuffer] = []
         self._layout: tuple[int, ...] = ()
         self._fresh = False
         self._poison = NaNFlag()
         self._reserved_rows = 0
+        self._undo_grads: list[tuple[Tensor, Tensor | None]] | None = None  # combine() without groups
 
     def reserve_rows(self, count: int) -> None:
         self._reserved_rows = max(self._reserved_rows, count)
@@ -61,6 +88,14 @@ class LocalBackend(Backend):
     def extra_bytes(self) -> int:
         return sum(buf.nbytes() for buf in self._buffers)
 
+    @property
+    def gram_floor(self) -> float:
+        floor = 0.0
+        for buf in self._buffers:
+            work = torch.float32 if buf.dtype in (torch.float16, torch.bfloat16) else buf.dtype
+            floor += buf.n * (2 if buf.dtype.is_complex else 1) * torch.finfo(work).tiny * _UNDERFLOW_MARGIN
+        return floor
+
     # -- what distributed subclasses change ------------------------------------------------
     def _agree(self, event: str) -> None:
         """Distributed backends make every rank reach the same capture event (or all raise)."""
@@ -73,12 +108,20 @@ class LocalBackend(Backend):
         """Sums the Gram contributions of all processes."""
         return gram
 
+    def _reduce_norm(self, norm: Tensor, norm_type: float) -> Tensor:
+        """The global norm from this process's norm of its local gradients (replicated: itself)."""
+        return norm
+
     # -- layout ----------------------------------------------------------------------------
+    def _trained(self) -> list[Tensor]:
+        return [p for p in self._params() if p.requires_grad]
+
     def _sync_layout(self) -> None:
-        params = [p for p in self._params() if p.requires_grad]
+        params = self._trained()
         layout = tuple(id(p) for p in params)
         if layout == self._layout and self._buffers:
             return
+        check_unique_params(self._optimizer)
         by_key: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
         for p in params:
             local = self.kind.local(p)
@@ -86,9 +129,23 @@ class LocalBackend(Backend):
         self._buffers = [FlatBuffer(ps, self.kind) for ps in by_key.values()]
         self._layout = layout
 
+    def _check_layout(self, event: str) -> None:
+        """Refuses a parameter that started to require grad after the step's first group: its
+        gradient would land outside every row and bypass the balancing."""
+        known = {id(p) for buf in self._buffers for p in buf.params}  # objects, not the ids cached in _layout
+        new = [(i, tuple(p.shape)) for i, p in enumerate(self._params()) if p.requires_grad and id(p) not in known]
+        if new:
+            raise CaptureError(
+                f"{event}: {len(new)} parameter(s) started to require grad after the first group of this step "
+                f"(optimizer parameter index and shape: {new[:5]}). Their gradients would bypass the groups. "
+                "Change requires_grad between steps (after step() or zero_grad()), not between groups."
+            )
+
     # -- capture ---------------------------------------------------------------------------
     @torch.no_grad()
     def enter(self, name: str) -> None:
+        if self._names:
+            self._check_layout(f"Entering group {name!r}")
         self._agree(f"enter group {name!r}")
         self._poison.restore()
         if not self._names:
@@ -107,20 +164,68 @@ class LocalBackend(Backend):
     def exit(self) -> None:
         if self._active is None:
             raise CaptureError("exit() without a matching enter().")
+        sparse = [(buf.params[j].grad.layout, tuple(buf.params[j].shape)) for buf in self._buffers for j in buf.not_dense()]
+        if sparse:
+            name = self._names[self._active]
+            for buf in self._buffers:
+                buf.abandon_group()
+            if self._fresh:
+                self._names.pop()
+            self._active = None
+            layout, shape = sparse[0]
+            raise CaptureError(
+                f"Group {name!r} received a sparse gradient ({layout}) for a parameter of shape {shape}, "
+                "e.g. from nn.Embedding(sparse=True). Group "
+                "gradients are dense rows: use sparse=False for layers trained inside groups. Nothing of this "
+                "block was kept; the groups captured before it are still pending."
+            )
         for buf in self._buffers:
             buf.end_group(self._active, self._fresh)
         self._active = None
 
+    def capture_token(self) -> Any:
+        return tuple(
+            None if p.grad is None else (id(p.grad), self.kind.local(p.grad)._version) for p in self._params()
+        )
+
     # -- statistics ------------------------------------------------------------------------
     @torch.no_grad()
-    def gram(self) -> Tensor:
+    def gram(self, *, ungrouped: bool = False) -> Tensor:
+        self._poison.restore()  # a NaN planted for the GradScaler must not reach the statistics
+        if self._names:
+            self._check_layout("step()")
         self._agree(f"step() with groups {self._names}")
+        return self._global_gram(lambda buf, m: buf.gram(m, self._columns(buf), with_base=ungrouped), ungrouped)
+
+    def _global_gram(self, part: Any, ungrouped: bool) -> Tensor:
         m = len(self._names)
+        size = m + (1 if ungrouped else 0)
         device = self.stats_device
-        total = torch.zeros((m, m), dtype=torch.float64, device=device)
+        total = torch.zeros((size, size), dtype=torch.float64, device=device)
         for buf in self._buffers:
-            total += buf.gram(m, self._columns(buf)).to(device=device, dtype=torch.float64)
+            total += part(buf, m).to(device=device, dtype=torch.float64)
+        if ungrouped:  # the buffers put the ungrouped gradient first; the protocol wants it last
+            order = torch.tensor([*range(1, size), 0], device=device)
+            total = total[order][:, order]
         return self._reduce_gram(total)
+
+    @torch.no_grad()
+    def refine_gram(self, gram: Tensor, rows: Sequence[int]) -> Tensor:
+        """Rows that are exactly zero are right already (their entries are exact zeros), and rows
+        holding NaN/inf are non-finite indeed; a finite nonzero listed row (overflowed or
+        underflowed in the fast path) makes the whole matrix be recomputed in float64 with
+        scaled rows (rare)."""
+        m = len(self._names)
+        ungrouped = gram.shape[0] == m + 1
+        ids = [-1 if r == m else r for r in rows]  # -1: the ungrouped gradient (base)
+        device = self.stats_device
+        amax = torch.zeros(len(ids), dtype=torch.float64, device=device)
+        for buf in self._buffers:
+            amax = torch.maximum(amax, buf.amax(ids, self._columns(buf)).to(device).nan_to_num(torch.inf))
+        amax = self.all_reduce(amax, "max")
+        if not (torch.isfinite(amax) & (amax > 0)).any().item():  # zero rows, or truly non-finite ones
+            return gram
+        return self._global_gram(lambda buf, m: buf.exact_gram(m, self._columns(buf), with_base=ungrouped), ungrouped)
 
     # -- combination -----------------------------------------------------------------------
     @torch.no_grad()
@@ -139,22 +244,62 @@ class LocalBackend(Backend):
                 buf.row(r).zero_()
 
     @torch.no_grad()
-    def combine(self, weights: Tensor, *, scale: float = 1.0) -> None:
+    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0) -> None:
         self._poison.restore()
         m = len(self._names)
-        if m == 0:
-            if scale != 1.0:
-                grads = [self.kind.local(p.grad) for p in self._params() if p.grad is not None]
-                if grads:
-                    torch._foreach_mul_(grads, scale)
+        if m:
+            for buf in self._buffers:
+                buf.combine(m, weights, scale)
+        elif isinstance(scale, Tensor) or scale != 1.0:
+            self._scale_ungrouped(scale)
+
+    def _scale_ungrouped(self, factor: float | Tensor) -> None:
+        """No group pending: ``.grad *= factor``, out of place the first time so it can be reverted."""
+        if self._undo_grads is None:
+            self._undo_grads = [(p, p.grad) for p in self._params()]
+            for p in self._params():
+                if p.grad is not None:
+                    p.grad = p.grad * (factor.to(p.grad.device) if isinstance(factor, Tensor) else factor)
+            return
+        grads = [self.kind.local(p.grad) for p in self._params() if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor.to(grads[0].device) if isinstance(factor, Tensor) else factor)
+
+    @torch.no_grad()
+    def update_norm(self, norm_type: float) -> Tensor:
+        if self._names:
+            parts = [buf.base for buf in self._buffers if buf.base is not None]
+        else:
+            parts = [self.kind.local(p.grad).reshape(-1) for p in self._params() if p.grad is not None]
+        device = self.stats_device
+        if not parts:
+            return self._reduce_norm(torch.zeros((), dtype=torch.float64, device=device), norm_type)
+        norms = torch.stack([torch.linalg.vector_norm(t, norm_type).to(device, torch.float64) for t in parts])
+        return self._reduce_norm(torch.linalg.vector_norm(norms, norm_type), norm_type)
+
+    @torch.no_grad()
+    def scale_update(self, factor: Tensor) -> None:
+        if not self._names:
+            self._scale_ungrouped(factor)
             return
         for buf in self._buffers:
-            buf.combine(m, weights, scale)
+            if buf.base is not None:
+                buf.base.mul_(factor.to(device=buf.device, dtype=buf.base.real.dtype))
+
+    def revert(self) -> None:
+        self._poison.restore()
+        for buf in self._buffers:
+            buf.revert()
+        if self._undo_grads is not None:
+            for p, grad in self._undo_grads:
+                p.grad = grad
+            self._undo_grads = None
 
     def _clear(self) -> None:
         self._poison.restore()
         self._names = []
         self._active = None
+        self._undo_grads = None
         for buf in self._buffers:
             buf.consolidate()
 

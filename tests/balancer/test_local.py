@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer import Balancer, Plugin
+from balancer import Balancer, CaptureError, Plugin
+from balancer.flat_buffer import FlatBuffer
 
 
 def _flat_grads(model, loss):
@@ -110,7 +113,7 @@ def test_groups_in_any_order_and_absent_groups(make_model, batches, group_loss):
     opt.step()
     assert opt.last_stats.names == ("g0", "g2")
     assert opt.last_stats.weights.shape == (2,)
-    assert opt.plugin_states["task_norm"]["ema_norms"]["g1"] is ema_g1  # absent: untouched
+    assert torch.equal(opt.plugin_states["task_norm"]["ema_norms"]["g1"], ema_g1)  # absent: untouched
 
 
 def test_new_group_mid_training_grows_the_buffer(make_model, batches, group_loss):
@@ -126,10 +129,10 @@ def test_new_group_mid_training_grows_the_buffer(make_model, batches, group_loss
     reference = torch.stack(expected) @ torch.stack(expected).T
     torch.testing.assert_close(gram, reference, rtol=1e-12, atol=1e-14)
     buf = opt.backend.buffers[0]
-    assert [b.shape[0] for b in buf.blocks] == [1, 1, 1]  # each new row got a block: nothing copied
+    assert [b.shape[0] for b in buf.blocks] == [2, 1, 1]  # base + g0, then a block per new row: nothing copied
     assert opt.backend.extra_bytes() == 3 * buf.n * 8
     opt.step()
-    assert [b.shape[0] for b in buf.blocks] == [3]  # merged for the next step
+    assert [b.shape[0] for b in buf.blocks] == [4]  # merged (base + 3 rows) for the next step
 
 
 @pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True:UserWarning")
@@ -197,3 +200,137 @@ def test_tiled_gram_product_matches_float64(k, n):
     torch.testing.assert_close(gram_of(a).double(), exact, rtol=1e-5, atol=1e-3)
     b = torch.randn(2, n, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(gram_of(a, b).double(), a.double() @ b.double().T, rtol=1e-5, atol=1e-3)
+
+
+# -- bad input: never silently wrong ---------------------------------------------------------------
+def _two_group_norms(scale: float, dtype=torch.float32):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000, dtype=dtype))
+    opt = Balancer(torch.optim.SGD([p], lr=0.1))
+    g = torch.randn(1000, dtype=torch.float64) * scale
+    with opt.group("a"):
+        (p * g.to(dtype)).sum().backward()
+    with opt.group("b"):
+        (p * torch.ones(1000, dtype=dtype)).sum().backward()
+    opt.step()
+    return opt, g.to(dtype).double()
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-25, 1e-20, 1e20, 1e25, 1e30])
+def test_norms_from_1e_minus_30_to_1e30_are_right_and_finite(scale):
+    """Float32 Gram entries overflow above ~1e19 and underflow below ~1e-19; the rare-path refinement
+    recomputes them in float64 from scaled rows, so no finite gradient is reported non-finite."""
+    opt, g = _two_group_norms(scale)
+    stats = opt.last_stats
+    torch.testing.assert_close(stats.norms[0], g.norm(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(stats.gram[0, 1], g.sum(), rtol=1e-6, atol=1e-6 * g.norm().item() * 1000**0.5)
+    assert stats.weights.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize(("size", "exact"), [(0.0, False), (1.0, False), (1e-30, True), (1e30, True)])
+def test_only_untrustworthy_rows_take_the_slow_path(monkeypatch, size, exact):
+    """Zero rows (an all-zero-advantage GRPO group, say) and ordinary rows keep the fast Gram."""
+    calls = []
+    original = FlatBuffer.exact_gram
+    monkeypatch.setattr(FlatBuffer, "exact_gram", lambda *a, **k: calls.append(1) or original(*a, **k))
+    opt, g = _two_group_norms(size)
+    assert bool(calls) == exact
+    assert opt.last_stats.norms[0].item() == pytest.approx(g.norm().item(), rel=1e-6, abs=0)
+
+
+def test_complex_parameters_use_the_real_inner_product():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, dtype=torch.complex64))
+    q = torch.nn.Parameter(torch.randn(3))
+    opt = Balancer(torch.optim.SGD([p, q], lr=0.1), plugins=["task_norm"])
+    losses = {"a": lambda: (p.abs() ** 2).sum() + (q**2).sum(), "b": lambda: 3 * ((p - 1j).abs() ** 2).sum()}
+    rows = []
+    for name, loss in losses.items():
+        grads = torch.autograd.grad(loss(), [p, q], allow_unused=True)
+        grads = [torch.zeros(3) if g is None else g for g in grads]
+        rows.append(torch.cat([torch.view_as_real(grads[0]).reshape(-1), grads[1]]).double())
+        with opt.group(name):
+            loss().backward()
+    before = p.detach().clone()
+    opt.step()
+    a = torch.stack(rows)
+    torch.testing.assert_close(opt.last_stats.gram, a @ a.T, rtol=1e-6, atol=1e-6)
+    w = opt.last_stats.weights.float()
+    update = torch.view_as_complex((w[0] * rows[0][:10] + w[1] * rows[1][:10]).float().reshape(5, 2))
+    torch.testing.assert_close((before - p.detach()) / 0.1, update, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sparse_gradient_in_a_group_is_refused_and_the_balancer_stays_usable():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    head = torch.nn.Linear(4, 1)
+    opt = Balancer(torch.optim.SGD([*emb.parameters(), *head.parameters()], lr=0.1))
+    with opt.group("dense"):
+        head(torch.ones(2, 4)).sum().backward()
+    with pytest.raises(CaptureError, match=r"sparse gradient .* shape \(10, 4\).*sparse=False"):
+        with opt.group("sparse"):
+            head(emb(torch.tensor([1, 2]))).sum().backward()
+    assert opt.backend.active is None and opt.backend.names == ("dense",)
+    assert all(p.grad is None for p in (*emb.parameters(), *head.parameters()))  # nothing of the block kept
+    opt.step()  # the pending group is still there
+    assert opt.last_stats.names == ("dense",)
+
+
+def test_a_parameter_listed_twice_is_refused():
+    w = torch.nn.Parameter(torch.randn(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch may warn about the duplicate itself
+        inner = torch.optim.SGD([w, w], lr=0.1)
+    with pytest.raises(CaptureError, match=r"listed twice.*\[0\]\[.params.\]\[1\]"):
+        Balancer(inner)
+    opt = Balancer(torch.optim.SGD([w], lr=0.1))
+    opt.inner.param_groups[0]["params"].append(w)  # behind the optimizer's back
+    with pytest.raises(CaptureError, match="listed twice"):
+        with opt.group("a"):
+            pass
+
+
+def test_a_parameter_unfrozen_between_groups_is_refused(make_model, make_batches, group_loss):
+    model = make_model()
+    model[2].weight.requires_grad_(False)
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
+    batches = make_batches()
+    with opt.group("g0"):
+        group_loss(model, batches["g0"]).backward()
+    model[2].weight.requires_grad_(True)
+    with pytest.raises(CaptureError, match=r"started to require grad.*\(3, 16\)"):
+        with opt.group("g1"):
+            pass
+    with pytest.raises(CaptureError, match="started to require grad"):
+        opt.step()
+    model[2].weight.requires_grad_(False)  # freezing again (or between steps) is fine
+    opt.step()
+    opt.zero_grad()
+    model[2].weight.requires_grad_(True)
+    for name in ("g0", "g1"):
+        with opt.group(name):
+            group_loss(model, batches[name]).backward()
+    opt.step()
+    assert model[2].weight.grad is not None
+
+
+def test_many_groups_in_the_first_step_read_the_rows_once(make_model):
+    """k = 256 groups appearing one by one get a block each; the Gram matrix and the combination
+    read them tile by tile (not one product per pair of blocks) and equal the one-block result."""
+    model = make_model(dtype=torch.float64)
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
+    params = list(model.parameters())
+    x = torch.randn(256, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for i in range(256):
+        loss = model(x[i : i + 1]).pow(2).sum() * (1 + i % 7)
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)]))
+        with opt.group(f"g{i}"):
+            loss.backward()
+    assert len(opt.backend.buffers[0].blocks) == 256
+    a = torch.stack(rows)
+    torch.testing.assert_close(opt.backend.gram(), a @ a.T, rtol=1e-12, atol=1e-12 * a.norm(dim=1).max() ** 2)
+    before = torch.cat([p.detach().reshape(-1) for p in params])
+    opt.step()
+    after = torch.cat([p.detach().reshape(-1) for p in params])
+    torch.testing.assert_close((before - after) / 0.1, a.sum(0), rtol=1e-12, atol=1e-12 * a.abs().sum())
+    assert [b.shape[0] for b in opt.backend.buffers[0].blocks] == [257]
