@@ -12,6 +12,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .config import BalancerConfig, PluginSpec, build_plugins, config_schema, load_config
 from .errors import (
     BalancerError,
+    BalancerWarning,
     CaptureError,
     ConfigError,
     GroupMismatchError,
@@ -39,6 +40,7 @@ __all__ = [
     "Balancer",
     "BalancerConfig",
     "BalancerError",
+    "BalancerWarning",
     "CaptureError",
     "ConfigError",
     "GroupMismatchError",

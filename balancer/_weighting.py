@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ._checks import check_weights
+from ._copy import copy_state
 from .errors import PluginError
 from .plugin import Plugin, State
 from .stats import GroupStats
@@ -22,29 +23,42 @@ class Verdict:
     nonfinite: list[bool]  # per group: NaN/inf in its gradient
     overflow: bool  # the GradScaler found inf/NaN in the ungrouped gradients
     scale: float  # 1 / the GradScaler's scale (1.0 without AMP)
+    suspect: list[int] = dataclasses.field(default_factory=list)  # Gram rows to refine (non-finite or underflowed)
 
 
 def read_verdict(
-    gram: Tensor | None, found_inf: Tensor | None, grad_scale: Tensor | None, device: torch.device
+    gram: Tensor | None,
+    groups: int,
+    found_inf: Tensor | None,
+    grad_scale: Tensor | None,
+    device: torch.device,
+    floor: float = 0.0,
 ) -> Verdict:
+    """One host sync: which groups are non-finite, which Gram rows (``groups`` groups, then the
+    ungrouped gradient if ``gram`` includes it) may be wrong in the fast path (a diagonal entry
+    that is not finite or below ``floor``), the GradScaler's overflow flag and its scale."""
     parts = [torch.zeros(0, dtype=torch.float64, device=device)]
+    size = 0 if gram is None else gram.shape[0]
     if gram is not None:
-        parts.append((~torch.isfinite(gram.diagonal())).to(device=device, dtype=torch.float64))
+        diag = gram.diagonal().to(device)
+        parts.append((~torch.isfinite(diag)).to(torch.float64))
+        parts.append((diag < floor).to(torch.float64))
     for value in (found_inf, grad_scale):
         if value is not None:
             parts.append(value.to(device=device, dtype=torch.float64).reshape(1))
     values = torch.cat(parts).tolist()
-    k = 0 if gram is None else gram.shape[0]
-    rest = values[k:]
+    bad, low, rest = values[:size], values[size : 2 * size], values[2 * size :]
     overflow = bool(rest.pop(0)) if found_inf is not None else False
     scale = 1.0 / rest.pop(0) if grad_scale is not None else 1.0
-    return Verdict([bool(v) for v in values[:k]], overflow, scale)
+    suspect = [i for i in range(size) if bad[i] or low[i]]
+    return Verdict([bool(v) for v in bad[:groups]], overflow, scale, suspect)
 
 
 def run_plugins(
     plugins: Sequence[Plugin], states: dict[str, State], stats: GroupStats
 ) -> tuple[Tensor, dict[str, State]]:
-    """Runs the plugins in order; returns the weights and the new states (``states`` is not modified).
+    """Runs the plugins in order; returns the weights and the new states (``states`` is not
+    modified, even by a plugin that writes into its input: each gets a copy).
 
     Raises :class:`PluginError` naming the plugin if one fails or returns unusable weights; the
     finiteness of every plugin's weights is read in one host sync at the end.
@@ -54,7 +68,7 @@ def run_plugins(
     finite: list[Tensor] = []
     for plugin in plugins:
         try:
-            out, new_states[plugin.name] = plugin.update(stats, weights, new_states[plugin.name])
+            out, new_states[plugin.name] = plugin.update(stats, weights, copy_state(new_states[plugin.name]))
         except Exception as exc:
             raise PluginError(
                 f"Plugin `{plugin.name}` failed in update(): {type(exc).__name__}: {exc}. "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 __all__ = [
     "BalancerError",
+    "BalancerWarning",
     "CaptureError",
     "ConfigError",
     "GroupMismatchError",
@@ -56,9 +57,14 @@ class NonFiniteGradientError(BalancerError, FloatingPointError):
     """A group gradient contains NaN or inf and the Balancer was told to raise."""
 
 
-class NonFiniteGradientWarning(UserWarning):
+class BalancerWarning(UserWarning):
+    """Base class of every warning of ``balancer``; also raised as is when a step did something other
+    than what the configuration suggests (plugins that balanced nothing, losses they never saw)."""
+
+
+class NonFiniteGradientWarning(BalancerWarning):
     """A group gradient contained NaN or inf; that group got weight 0 for this step."""
 
 
-class PluginWarning(UserWarning):
-    """A third-party plugin failed to load; the others still work."""
+class PluginWarning(BalancerWarning):
+    """A third-party plugin failed to load, or lost a name clash; the others still work."""

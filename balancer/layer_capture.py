@@ -68,6 +68,7 @@ class LayerCapture(Backend):
         self._device = torch.device("cpu")
         self._poison = NaNFlag()
         self._owners_of: tuple[tuple[int, ...], list[Tensor], dict[int, tuple[str, str]]] | None = None
+        self._undo: list[tuple[Tensor, Tensor | None]] | None = None  # .grad before expose/combine
 
     @property
     def optimizer(self) -> Any:
@@ -235,15 +236,67 @@ class LayerCapture(Backend):
 
     # -- statistics ------------------------------------------------------------------------
     @torch.no_grad()
-    def gram(self) -> Tensor:
+    def gram(self, *, ungrouped: bool = False) -> Tensor:
+        if ungrouped:
+            raise CaptureError("The layer capture has no ungrouped row: its update norm comes from update_norm().")
         return layer_gram([(role, calls) for _, role, calls in self._calls.values()], len(self._names), self._device)
+
+    @property
+    def gram_floor(self) -> float:
+        n = sum(param.numel() for param, _, _ in self._calls.values())
+        return n * torch.finfo(torch.float32).tiny * 1e6
+
+    @torch.no_grad()
+    def refine_gram(self, gram: Tensor, rows: Sequence[int]) -> Tensor:
+        """The whole Gram matrix again in float64 (inputs and output gradients upcast): finite
+        captures then never overflow or underflow. Rare: only when the fast matrix is suspect."""
+        exact: dict[int, Call] = {}
+
+        def upcast(call: Call) -> Call:
+            if id(call) not in exact:
+                pieces = [Piece(p.delta.double(), p.groups, p.counts, p.order) for p in call.pieces]
+                exact[id(call)] = Call(None if call.x is None else call.x.double(), pieces)
+            return exact[id(call)]
+
+        params = [(role, [upcast(c) for c in calls]) for _, role, calls in self._calls.values()]
+        return layer_gram(params, len(self._names), self._device)
 
     # -- combination -----------------------------------------------------------------------
     def _trained(self) -> list[Tensor]:
         return [p for p in self._backend.trained_parameters() if p.requires_grad]
 
+    def _record_undo(self) -> None:
+        if self._undo is None:
+            self._undo = [(p, p.grad) for p in self._trained()]
+
+    def revert(self) -> None:
+        self._poison.restore()
+        if self._undo is not None:
+            for p, grad in self._undo:
+                p.grad = grad
+            self._undo = None
+
+    def capture_token(self) -> Any:
+        return tuple(None if p.grad is None else (id(p.grad), p.grad._version) for p in self._trained())
+
+    @torch.no_grad()
+    def update_norm(self, norm_type: float) -> Tensor:
+        grads = [p.grad for p in self._trained() if p.grad is not None]
+        if not grads:
+            return torch.zeros((), dtype=torch.float64, device=self._device)
+        norms = torch.stack([torch.linalg.vector_norm(g, norm_type).to(self._device, torch.float64) for g in grads])
+        return torch.linalg.vector_norm(norms, norm_type)
+
+    @torch.no_grad()
+    def scale_update(self, factor: Tensor) -> None:
+        self._record_undo()
+        for p in self._trained():
+            if p.grad is not None:
+                p.grad = p.grad * factor.to(p.grad.device, p.grad.dtype)
+
     @torch.no_grad()
     def expose_ungrouped(self, poison: Tensor | None = None) -> None:
+        self._record_undo()
         params = self._trained()
         for p in params:
             if p.grad is None:
@@ -269,12 +322,15 @@ class LayerCapture(Backend):
                     call.pieces[i] = Piece(torch.where(bad, 0, piece.delta), piece.groups, piece.counts, piece.order)
 
     @torch.no_grad()
-    def combine(self, weights: Tensor, *, scale: float = 1.0) -> None:
+    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0) -> None:
+        """Writes ``scale · (ungrouped + Σ_k w_k A_k)`` into ``.grad``, out of place (revertible)."""
         self._poison.restore()
-        if scale != 1.0:
-            grads = [p.grad for p in self._trained() if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, scale)
+        self._record_undo()
+        rescale = isinstance(scale, Tensor) or scale != 1.0
+        if rescale:
+            for p in self._trained():
+                if p.grad is not None:
+                    p.grad = p.grad * (scale.to(p.grad.device, p.grad.dtype) if isinstance(scale, Tensor) else scale)
         weights = weights * scale
         weighted: dict[int, Tensor] = {}  # by id(call): a weight and its bias share their calls
         for param, role, calls in self._calls.values():
@@ -289,13 +345,16 @@ class LayerCapture(Backend):
                 continue
             if param.grad is None:
                 param.grad = update.to(param.dtype)
+            elif rescale:
+                param.grad.add_(update.to(param.dtype))  # a tensor of this step's, made just above
             else:
-                param.grad.add_(update.to(param.dtype))
+                param.grad = param.grad + update.to(param.dtype)
 
     def end_step(self) -> None:
         self._poison.restore()
         self._names = []
         self._calls = {}
+        self._undo = None
 
     def zero_grad(self, set_to_none: bool) -> None:
         """Discards the pending capture; the backend clears ``.grad``."""

@@ -4,7 +4,10 @@ wrapped optimizer step.
 One step, as data flows::
 
     with opt.group(name): loss.backward()   # grads land in group rows (views, no copy)
-    opt.step():  G = A Aᵀ  ->  w = p_n(... p_1(stats, 1) ...)  ->  grad = ungrouped + Aᵀ w  ->  inner.step()
+    opt.step():  G = A Aᵀ  ->  w = p_n(... p_1(stats, 1) ...)  ->  clip  ->  grad = ungrouped + Aᵀ w  ->  inner.step()
+
+The step is planned first (:mod:`balancer._step`: statistics, plugins, clip, nothing written),
+then applied and committed only if the inner step succeeds: a step is all or nothing.
 
 Gradients produced outside every group block are added to the update as they are (weight 1).
 A group that receives no gradient in a step is simply absent: plugins see only the groups
@@ -24,11 +27,12 @@ import torch
 from torch import Tensor
 
 from ._checks import check_graph_leaves, check_group_name, check_loss, check_model_params
+from ._clip import ClipRequest, clip_coefficient
 from ._state import load_balancer_section, make_balancer_section
-from ._weighting import Verdict, read_verdict, run_plugins
+from ._step import StepPlan, clip_route, has_update_norm, plan_step, trusted_verdict
 from .backend import Backend
 from .config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_config
-from .errors import CaptureError, NonFiniteGradientError, NonFiniteGradientWarning
+from .errors import CaptureError, NonFiniteGradientError
 from .layer_capture import LayerCapture
 from .local import LocalBackend
 from .plugin import Plugin, State
@@ -37,6 +41,8 @@ from .stats import GroupStats
 from .taps import TapHub
 
 __all__ = ["Balancer"]
+
+_CHECKED = object()  # a plan's capture token once checked (the GradScaler's own check changes .grad)
 
 _HOOK_REGISTRIES = (
     "_optimizer_step_pre_hooks",
@@ -76,6 +82,12 @@ class Balancer(torch.optim.Optimizer):
             ``GradScaler`` an overflow skips the whole step instead, as AMP expects.
         model: optional; if given, every trainable parameter of it must be in ``inner``. Needed by
             :meth:`backward_samples` and :meth:`backward_tasks`.
+        max_grad_norm: clip the update the inner optimizer receives (``ungrouped + Σ_k w_k g_k``,
+            unscaled under a ``GradScaler``) to this total norm at every step, with the semantics
+            of ``torch.nn.utils.clip_grad_norm_``; ``last_stats.grad_norm``/``clip_coef`` report
+            it. While groups are pending ``.grad`` does not hold the update, so clip here or with
+            :meth:`clip_grad_norm_`, never with ``torch.nn.utils.clip_grad_norm_``.
+        norm_type: the norm of ``max_grad_norm`` (2.0, any p > 0, or ``"inf"``).
 
     Example::
 
@@ -95,6 +107,8 @@ class Balancer(torch.optim.Optimizer):
         *,
         on_nonfinite: NonFinitePolicy = "zero",
         model: torch.nn.Module | None = None,
+        max_grad_norm: float | None = None,
+        norm_type: float | str = 2.0,
         registry: Registry | None = None,
         backend: Backend | None = None,
     ) -> None:
@@ -102,9 +116,16 @@ class Balancer(torch.optim.Optimizer):
             raise TypeError("Balancer(Balancer(...)): wrap the inner optimizer once and list all plugins there.")
         if on_nonfinite not in ("zero", "raise"):
             raise ValueError(f"`on_nonfinite` must be 'zero' or 'raise'. Found `on_nonfinite = {on_nonfinite!r}`.")
+        if max_grad_norm is None and norm_type not in (2, 2.0):
+            raise ValueError(
+                f"`norm_type = {norm_type!r}` without `max_grad_norm` would be ignored: set max_grad_norm too."
+            )
+        self._clip = None if max_grad_norm is None else ClipRequest.make(max_grad_norm, norm_type)
         self._plugins: tuple[Plugin, ...] = tuple(build_plugins(plugins, registry))
         self._backend: Backend = backend if backend is not None else _select_backend(inner, registry)
         self._inner = self._backend.optimizer
+        if self._clip is not None:
+            self._check_clip(self._clip, "max_grad_norm")
         if model is not None:
             check_model_params(model, self._backend.trained_parameters())
         self._plugin_states: dict[str, State] = {p.name: p.init() for p in self._plugins}
@@ -116,7 +137,10 @@ class Balancer(torch.optim.Optimizer):
         self._losses: dict[str, Tensor] = {}
         self._captures: dict[str, int] = {}
         self._graph_checked = False
-        self._early_gram: Tensor | None = None
+        self._measured: tuple[Tensor, bool, bool] | None = None  # this step's Gram (see _step.measure)
+        self._plan: StepPlan | None = None  # this step, planned early by clip_grad_norm_
+        self._dropped: set[str] = set()  # non-finite groups of this step (their rows were zeroed)
+        self._warned: set[str] = set()  # warnings already shown (once per Balancer)
         self._layers = LayerCapture(model, self._backend) if model is not None else None
         self._init_optimizer_machinery()
         self._backend.attach(self)
@@ -127,7 +151,7 @@ class Balancer(torch.optim.Optimizer):
     ) -> Balancer:
         """Builds a Balancer from a config dict, a JSON file path or a :class:`BalancerConfig`."""
         cfg, plugins = resolve_config(config, kwargs.get("registry"))
-        return cls(inner, plugins, on_nonfinite=cfg.on_nonfinite, **kwargs)
+        return cls(inner, plugins, **cfg.balancer_kwargs(), **kwargs)
 
     def _init_optimizer_machinery(self) -> None:
         # What Optimizer.__init__ sets up, without taking ownership of the parameters.
@@ -182,6 +206,11 @@ class Balancer(torch.optim.Optimizer):
     def backend(self) -> Backend:
         return self._backend
 
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The norm every step clips the update to (``None``: no clipping at step time)."""
+        return None if self._clip is None else self._clip.max_norm
+
     def _source(self) -> Backend:
         """Where this step's groups live: the backend, or a pending layer capture (``backward_samples/_tasks``)."""
         layers = self._layers
@@ -196,11 +225,24 @@ class Balancer(torch.optim.Optimizer):
         # planted there (no host sync) so that the scaler skips the step and backs off. The
         # scaler then passes `grad_scale`; step() folds 1/scale into the combination.
         source = self._source()
-        if source.names and source.active is None:
-            self._early_gram = source.gram()
-            poison = ~torch.isfinite(self._early_gram.diagonal()).all()
-            source.expose_ungrouped(poison)
+        k = len(source.names)
+        if k and source.active is None:
+            plan = self._plan
+            if plan is not None:  # clip_grad_norm_(scaler=...) planned the step
+                self._check_token(plan, source)
+                poison = plan.skip
+            else:
+                clip = self._clip if self._clip is not None else self._report_clip()
+                ungrouped = clip_route(source, clip, k) == "gram"
+                _, verdict = trusted_verdict(self, source, ungrouped, k, None, None)
+                poison = any(verdict.nonfinite) or any(name in self._dropped for name in source.names)
+            if plan is None or not plan.combined:
+                source.expose_ungrouped(torch.tensor(poison, device=source.stats_device))
         return True
+
+    def _report_clip(self) -> ClipRequest | None:
+        report = self._backend.framework_clipping()
+        return None if report is None else ClipRequest.make(report)
 
     # -- capture -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -213,7 +255,7 @@ class Balancer(torch.optim.Optimizer):
                 f"Cannot enter group `{name}` inside group `{active}`: group blocks do not nest. "
                 "Close the first block before opening the next."
             )
-        self._early_gram = None
+        self._new_capture(f"opt.group({name!r})")
         self._source().enter(name)
         self._captures[name] = self._captures.get(name, 0) + 1
         try:
@@ -285,8 +327,17 @@ class Balancer(torch.optim.Optimizer):
                 f"{method} cannot be mixed with `opt.group`/`opt.backward` in one step (groups "
                 f"{list(self._backend.names)} are pending). Call step() or zero_grad() first."
             )
-        self._early_gram = None
+        self._new_capture(method)
         return self._layers
+
+    def _new_capture(self, what: str) -> None:
+        """A capture starts: the step's measured statistics are stale; after clip_grad_norm_ it is refused."""
+        if self._plan is not None:
+            raise CaptureError(
+                f"{what} after opt.clip_grad_norm_() in the same step: the norm was measured without these "
+                "gradients. Clip after the last backward pass of the step, right before step()."
+            )
+        self._measured = None
 
     def _record(self, losses: Mapping[str, Tensor]) -> None:
         """Adds this capture's loss values to the step's, and counts one backward call per group."""
@@ -319,104 +370,169 @@ class Balancer(torch.optim.Optimizer):
     # -- the step ----------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
-        """Combines the group gradients with the plugins' weights, then steps the inner optimizer."""
+        """Combines the group gradients with the plugins' weights (clipped if asked), then steps the
+        inner optimizer. All or nothing: if anything raises, nothing of the step is kept."""
         active = self._backend.active
         if active is not None:
             raise CaptureError(f"step() called inside group `{active}`. Call it after the group block.")
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         source = self._source()
-        names = source.names
-        if found_inf is not None and grad_scale is None and names:
+        if found_inf is not None and grad_scale is None and source.names:
             raise CaptureError(
                 "scaler.unscale_(opt) was called before scaler.step(opt): it unscales only the ungrouped "
-                "gradients. Call scaler.step(opt) directly; the Balancer unscales group gradients itself."
+                "gradients. Call scaler.step(opt) directly (the Balancer unscales group gradients itself); to "
+                "clip, use Balancer(..., max_grad_norm=c) or opt.clip_grad_norm_(c, scaler=scaler) instead."
             )
-        gram = self._early_gram if self._early_gram is not None else (source.gram() if names else None)
-        self._early_gram = None
-        device = source.stats_device
-        verdict = read_verdict(gram, found_inf, grad_scale, device)  # the first of at most two host syncs
-        if verdict.overflow or (grad_scale is not None and any(verdict.nonfinite)):
-            self._taps.discard()
-            return None  # AMP overflow: skip, plugin state untouched; the scaler backs off
-        states = self._taps.merge(self._plugin_states, self._backend)
-        if gram is None:
-            self._backend.combine(torch.zeros(0, dtype=torch.float64, device=device), scale=verdict.scale)
-            self._plugin_states = states
-            return self._finish(closure, None)
-        return self._grouped_step(closure, names, gram * verdict.scale**2, verdict, states)
-
-    def _grouped_step(
-        self,
-        closure: Callable[[], Any] | None,
-        names: tuple[str, ...],
-        gram: Tensor,
-        verdict: Verdict,
-        states: dict[str, State],
-    ) -> Any:
-        device = gram.device
-        nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
-        source = self._source()
-        losses = source.reduce_losses(torch.stack([self._losses.get(n, nan).to(device) for n in names]))
-        calls = tuple(self._captures.get(n, 0) for n in names)
-        full = GroupStats(names=names, gram=gram, losses=losses, backward_calls=calls, step=self._step_count)
-        self._rows_seen = max(self._rows_seen, len(names))
-        dropped = [i for i, bad in enumerate(verdict.nonfinite) if bad]
-        if dropped:
-            self._report_nonfinite([names[i] for i in dropped])
-        keep = [i for i, bad in enumerate(verdict.nonfinite) if not bad]
-        weights, new_states = run_plugins(self._plugins, states, full.select(keep) if dropped else full)
-        full_weights = weights
-        if dropped:
-            index = torch.tensor(keep, dtype=torch.long, device=device)
-            full_weights = torch.zeros(len(names), dtype=torch.float64, device=device).index_copy(0, index, weights)
-            source.drop(dropped)
-        source.combine(full_weights, scale=verdict.scale)
-        self._plugin_states = new_states
-        self.last_stats = dataclasses.replace(full, weights=full_weights)
-        return self._finish(closure, full_weights)
-
-    def _report_nonfinite(self, bad_names: list[str]) -> None:
-        if self.on_nonfinite == "raise":
-            raise NonFiniteGradientError(
-                f"Non-finite (NaN/inf) gradients in group(s) {bad_names}; step refused, parameters untouched. "
-                "Check these groups' losses, or use on_nonfinite='zero' to drop such groups for the step."
-            )
-        warnings.warn(
-            f"Non-finite (NaN/inf) gradients in group(s) {bad_names}: weight 0 for this step.",
-            NonFiniteGradientWarning,
-            stacklevel=4,
-        )
-
-    def _finish(self, closure: Callable[[], Any] | None, weights: Tensor | None) -> Any:
-        if closure is not None:
-            with torch.enable_grad():
-                result = self._backend.optimizer_step(closure)
+        plan = self._plan
+        if plan is None:
+            plan = plan_step(self, self._clip, grad_scale, found_inf)
         else:
-            result = self._backend.optimizer_step()
+            self._check_plan(plan, source, grad_scale, found_inf)
+        if plan.skip:
+            source.revert()
+            self._taps.discard()
+            self._plan, self._measured = None, None
+            return None  # AMP overflow: skip, plugin state untouched; the scaler backs off
+        try:
+            if not plan.combined:
+                weights = plan.weights
+                if weights is None:
+                    weights = torch.zeros(0, dtype=torch.float64, device=source.stats_device)
+                source.combine(weights, scale=plan.factor)
+            if closure is not None:
+                with torch.enable_grad():
+                    result = self._backend.optimizer_step(closure)
+            else:
+                result = self._backend.optimizer_step()
+        except BaseException:
+            source.revert()
+            self._plan, self._measured = None, None
+            raise
+        self._commit(plan)
+        return result
+
+    def _commit(self, plan: StepPlan) -> None:
+        self._plugin_states = plan.states
+        self.last_stats = plan.stats
+        self._rows_seen = max(self._rows_seen, len(plan.names))
         self._backend.end_step()
         if self._layers is not None:
             self._layers.end_step()
+        self._forget_step()
+        self._step_count += 1
+
+    def _forget_step(self) -> None:
         self._taps.discard()
         self._losses.clear()
         self._captures.clear()
-        self._step_count += 1
-        if weights is None:
-            self.last_stats = None
-        return result
+        self._dropped.clear()
+        self._plan, self._measured = None, None
+
+    def _check_token(self, plan: StepPlan, source: Backend) -> None:
+        if plan.token is not _CHECKED and source.capture_token() != plan.token:
+            self._plan = None
+            raise CaptureError(
+                "A backward pass added gradients after opt.clip_grad_norm_() measured the update, so the clip "
+                "would be wrong. Clip after the last backward pass of the step, right before step()."
+            )
+        plan.token = _CHECKED
+
+    def _check_plan(
+        self, plan: StepPlan, source: Backend, grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> None:
+        """The plan clip_grad_norm_ made must fit the step being taken (same gradients, same scale)."""
+        self._check_token(plan, source)
+        measured = plan.verdict.scale
+        scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale.item())
+        if scale != measured:
+            self._plan = None
+            raise CaptureError(
+                f"opt.clip_grad_norm_() measured the gradients at loss scale {1 / measured:g}, but step() received "
+                f"them at scale {1 / scale:g}. With a GradScaler pass it: opt.clip_grad_norm_(c, scaler=scaler), "
+                "then scaler.step(opt); without one, call opt.step() directly."
+            )
+        if found_inf is not None and bool(found_inf.item()):
+            plan.skip = True
+
+    def clip_grad_norm_(
+        self, max_norm: float, norm_type: float | str = 2.0, error_if_nonfinite: bool = False, *, scaler: Any = None
+    ) -> Tensor:
+        """Clips the update of this step to ``max_norm``, like ``torch.nn.utils.clip_grad_norm_``.
+
+        Call it where you would call torch's: after the last backward pass, before ``step()``.
+        While groups are pending ``.grad`` does not hold the update (torch's call would see no
+        gradient and clip nothing), so this plans the step now (statistics, plugins, weights),
+        measures the norm of ``ungrouped + Σ_k w_k g_k`` (from the Gram matrix for the L2 norm)
+        and ``step()`` applies the clipped update. With no group pending it clips ``.grad`` in
+        place, exactly as torch does.
+
+        Args:
+            max_norm, norm_type, error_if_nonfinite: as in torch (``norm_type`` 2.0, p > 0 or "inf").
+            scaler: the ``torch.amp.GradScaler`` whose ``scaler.step(opt)`` follows, if any: the
+                norm is then of the unscaled update. Do not call ``scaler.unscale_(opt)`` with
+                pending groups (it reaches only the ungrouped gradients).
+
+        Returns:
+            The total norm of the update before clipping, a 0-d float64 tensor (also
+            ``last_stats.grad_norm`` after the step).
+        """
+        request = ClipRequest.make(max_norm, norm_type, error_if_nonfinite)
+        if self._backend.active is not None:
+            raise CaptureError(f"clip_grad_norm_() called inside group `{self._backend.active}`: call it after.")
+        if self._clip is not None:
+            raise CaptureError(
+                f"This Balancer already clips every step to max_grad_norm={self._clip.max_norm}; calling "
+                "clip_grad_norm_ as well would clip twice. Use one of them."
+            )
+        self._check_clip(request, "clip_grad_norm_")
+        if self._plan is not None:
+            raise CaptureError("clip_grad_norm_() was already called in this step; call it once, before step().")
+        enabled = scaler is not None and scaler.is_enabled()
+        scale = 1.0 / float(scaler.get_scale()) if enabled else 1.0
+        source = self._source()
+        if not source.names and has_update_norm(source):  # nothing grouped: clip .grad as torch does
+            total = source.update_norm(request.norm_type) * scale
+            if request.error_if_nonfinite and not bool(torch.isfinite(total).item()):
+                raise NonFiniteGradientError(
+                    f"The total {request.norm_type}-norm of the gradients is {total.item()} (non-finite), so it "
+                    "cannot be clipped. Check the losses, or clip with error_if_nonfinite=False."
+                )
+            source.scale_update(clip_coefficient(total, request.max_norm))
+            return total
+        grad_scale = torch.tensor(1.0 / scale, dtype=torch.float64) if enabled else None
+        plan = plan_step(self, request, grad_scale, None)
+        plan.token = source.capture_token()
+        self._plan = plan
+        if plan.grad_norm is None:  # AMP: a non-finite group; scaler.step(opt) will skip the step
+            return torch.tensor(float("inf"), dtype=torch.float64, device=source.stats_device)
+        return plan.grad_norm
+
+    def _check_clip(self, request: ClipRequest, where: str) -> None:
+        """Refuses a clip the backend cannot do, or one the framework would repeat."""
+        framework = self._backend.framework_clipping()
+        if framework is not None:
+            raise CaptureError(
+                f"{where}: the framework already clips the balanced update to {framework} (DeepSpeed's "
+                "`gradient_clipping`). Clipping here as well would clip twice: set gradient_clipping to 0 in the "
+                "DeepSpeed config to clip with the Balancer, or leave it to DeepSpeed (last_stats.grad_norm and "
+                "clip_coef still report its clip)."
+            )
+        if not request.euclidean and not has_update_norm(self._backend):
+            raise ValueError(
+                f"{where}: norm_type={request.norm_type} is not available with {type(self._backend).__name__}, "
+                "which clips from the Gram matrix: use norm_type=2.0."
+            )
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears ungrouped and pending group gradients (``.grad`` set to ``None`` by default)."""
         active = self._backend.active
         if active is not None:
             raise CaptureError(f"zero_grad() called inside group `{active}`. Call it outside group blocks.")
-        self._early_gram = None
         self._backend.zero_grad(set_to_none)
         if self._layers is not None:
             self._layers.zero_grad(set_to_none)
-        self._taps.discard()
-        self._losses.clear()
-        self._captures.clear()
+        self._forget_step()
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -26,6 +26,11 @@ class GroupStats:
         step: the number of optimizer steps taken before this one (0 for the first step).
         weights: the weights applied in this step (set on ``Balancer.last_stats``; ``None`` while
             plugins are still running).
+        grad_norm: the total norm of the update the inner optimizer received, before clipping
+            (``ungrouped + Σ_k w_k g_k``, unscaled under a ``GradScaler``), as a 0-d float64 tensor;
+            ``None`` when the step did not clip (no ``max_grad_norm``, no ``clip_grad_norm_``).
+        clip_coef: the factor the update was multiplied by, ``min(1, max_norm / (grad_norm + 1e-6))``
+            as in ``torch.nn.utils.clip_grad_norm_``; ``None`` when the step did not clip.
     """
 
     names: tuple[str, ...]
@@ -34,6 +39,8 @@ class GroupStats:
     backward_calls: tuple[int, ...]
     step: int
     weights: Tensor | None = None
+    grad_norm: Tensor | None = None
+    clip_coef: Tensor | None = None
 
     @classmethod
     def from_gram(
@@ -108,4 +115,8 @@ class GroupStats:
         }
         if self.weights is not None:
             out["weights"] = self.weights.tolist()
+        for name in ("grad_norm", "clip_coef"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value.item()
         return out

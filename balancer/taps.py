@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ._checks import check_group_name
+from ._copy import copy_state
 from .errors import CaptureError, PluginError
 
 if TYPE_CHECKING:
@@ -169,7 +170,9 @@ class TapHub:
         new_states = dict(states)
         for plugin in self._plugins:
             try:
-                new_states[plugin.name] = plugin.merge_tap_stats(states[plugin.name], reduced[plugin.name])
+                new_states[plugin.name] = plugin.merge_tap_stats(
+                    copy_state(states[plugin.name]), copy_state(reduced[plugin.name])
+                )
             except Exception as exc:
                 raise PluginError(
                     f"Plugin `{plugin.name}` failed in merge_tap_stats(): {type(exc).__name__}: {exc}. "

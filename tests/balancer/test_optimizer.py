@@ -9,7 +9,7 @@ import pickle
 import pytest
 import torch
 
-from balancer import Balancer
+from balancer import Balancer, BalancerWarning
 
 
 def _bare_step(model, opt, batches, group_loss, weights=None):
@@ -194,3 +194,46 @@ def test_closure_is_passed_to_the_inner_optimizer(make_model, make_batches, grou
     loss = opt.step(closure)
     assert torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_plugins_that_balanced_nothing_warn_once(make_model, make_batches, group_loss):
+    """A trainer that never enters a group (Trainer, Lightning automatic optimization, a closure)
+    would run the plugins on nothing: the step says so, once per Balancer."""
+    model = make_model()
+    batches = make_batches()
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["task_norm", "pcgrad"])
+    group_loss(model, batches["g0"]).backward()
+    with pytest.warns(BalancerWarning, match=r"plugins \['task_norm', 'pcgrad'\].*no group was captured"):
+        opt.step()
+    opt.zero_grad()
+    group_loss(model, batches["g0"]).backward()
+    opt.step()  # once per Balancer: no second warning (filterwarnings=error would fail here)
+    opt.zero_grad()
+    with opt.group("g0"):
+        group_loss(model, batches["g0"]).backward()
+    opt.step()
+    closure_opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["task_norm"])
+
+    def closure():
+        closure_opt.zero_grad()
+        loss = group_loss(model, batches["g1"])
+        loss.backward()
+        return loss
+
+    with pytest.warns(BalancerWarning, match="closure"):
+        closure_opt.step(closure)
+
+
+def test_no_warning_when_groups_are_captured_or_nothing_acts_on_groups(make_model, make_batches, group_loss):
+    model = make_model()
+    batches = make_batches()
+    for plugins in ([], ["replay_bias"]):  # no plugin; a tap-only plugin
+        opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=plugins)
+        group_loss(model, batches["g0"]).backward()
+        opt.step()
+        opt.zero_grad()
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["task_norm"])
+    for _ in range(2):
+        opt.backward({name: group_loss(model, batch) for name, batch in batches.items()})
+        opt.step()
+        opt.zero_grad()

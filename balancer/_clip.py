@@ -1,0 +1,83 @@
+"""Clipping the update the inner optimizer receives, with ``torch.nn.utils.clip_grad_norm_``'s semantics.
+
+The update is ``u = s · (b + Σ_k w_k g_k)``: ``b`` the ungrouped gradient, ``s`` the GradScaler's
+``1/scale`` (1 without AMP). Its total norm is ``‖u‖``; the clip coefficient is
+``min(1, max_norm / (‖u‖ + 1e-6))`` and ``u`` is multiplied by it, as torch does.
+
+While groups are pending ``.grad`` does not hold ``u`` (the group gradients are in their rows), so
+the norm has to come from the Balancer. Two ways, chosen per step (:func:`norm_route`):
+
+* **Gram** (L2 norm): ``‖u‖² = s² vᵀ Ĝ v`` with ``v = [w; 1]`` and ``Ĝ`` the Gram matrix of
+  ``[g_1 … g_k; b]``, which the local backend computes in the same GEMM as the statistics (the
+  ungrouped gradient lies right before the rows). No pass over the gradients beyond the step's
+  own, and the coefficient is folded into the weights of the one combination.
+* **Combined**: write ``u``, take its norm, scale it: what torch does, one more pass over ``n``
+  numbers (not ``k·n``). For other norm types, and for the layer capture, which has no rows.
+
+Its accuracy differs in one place: from the Gram matrix, ``‖u‖`` has an absolute error of about
+``sqrt(ε) · max_k |w_k| ‖g_k‖`` (float32 Gram), so an update that nearly cancels (opposite group
+gradients) has a less accurate norm than its parts. Clipping engages only when ``‖u‖`` exceeds
+``max_norm``, where this does not matter in practice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["ClipRequest", "clip_coefficient", "gram_norm"]
+
+CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against dividing by a zero norm
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipRequest:
+    """One clip: to ``max_norm`` in the ``norm_type`` norm; ``error_if_nonfinite`` as in torch."""
+
+    max_norm: float
+    norm_type: float = 2.0
+    error_if_nonfinite: bool = False
+
+    @classmethod
+    def make(cls, max_norm: Any, norm_type: Any = 2.0, error_if_nonfinite: bool = False) -> ClipRequest:
+        """Validates the arguments (the names are those of ``clip_grad_norm_``)."""
+        if isinstance(max_norm, bool) or not isinstance(max_norm, int | float) or not max_norm >= 0:
+            raise ValueError(
+                f"`max_norm` must be a number >= 0 (the largest norm of the update). Found `max_norm = {max_norm!r}`."
+            )
+        if isinstance(norm_type, str) and norm_type.lower() == "inf":
+            norm_type = math.inf
+        if isinstance(norm_type, bool) or not isinstance(norm_type, int | float) or not norm_type > 0:
+            raise ValueError(
+                f"`norm_type` must be a number > 0 or 'inf' (2.0: the Euclidean norm). Found `norm_type = {norm_type!r}`."
+            )
+        return cls(float(max_norm), float(norm_type), bool(error_if_nonfinite))
+
+    @property
+    def euclidean(self) -> bool:
+        return self.norm_type == 2.0
+
+
+def clip_coefficient(total: Tensor, max_norm: float) -> Tensor:
+    """``min(1, max_norm / (total + 1e-6))``, on the device (no host sync), like torch."""
+    return (max_norm / (total + CLIP_EPS)).clamp(max=1.0)
+
+
+def gram_norm(gram: Tensor, weights: Tensor, scale: float, dropped: list[bool]) -> Tensor:
+    """``‖s (b + Σ w_k g_k)‖`` from the ``[k+1, k+1]`` Gram matrix of ``[g_1 … g_k; b]``.
+
+    Dropped (non-finite) groups have weight 0 and their NaN entries are left out; a non-finite
+    ungrouped gradient makes the norm non-finite, as in torch. Rounding can make ``vᵀĜv``
+    slightly negative for an update that cancels: it is clamped to 0.
+    """
+    k = weights.shape[0]
+    v = torch.cat([weights, weights.new_ones(1)])
+    if any(dropped):
+        keep = torch.tensor([not d for d in dropped] + [True], device=gram.device)
+        gram = torch.where(keep[:, None] & keep[None, :], gram, 0.0)
+    assert gram.shape == (k + 1, k + 1)
+    return (v @ gram @ v).clamp_min(0.0).sqrt() * abs(scale)
