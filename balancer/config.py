@@ -22,7 +22,15 @@ from collections.abc import Set as AbstractSet
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, GetJsonSchemaHandler, ValidationError
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    GetJsonSchemaHandler,
+    ValidationError,
+    model_validator,
+)
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
@@ -30,7 +38,15 @@ from .errors import ConfigError, PluginLoadError
 from .plugin import Plugin
 from .registry import Registry, default_registry
 
-__all__ = ["BalancerConfig", "PluginSpec", "build_plugins", "config_schema", "load_config", "resolve_config"]
+__all__ = [
+    "BalancerConfig",
+    "PluginSpec",
+    "build_plugins",
+    "config_schema",
+    "load_config",
+    "read_json_file",
+    "resolve_config",
+]
 
 NonFinitePolicy = Literal["zero", "raise"]
 Problems = list[tuple[str, str]]
@@ -121,6 +137,26 @@ class BalancerConfig(BaseModel):
         description="A group gradient with NaN/inf: `zero` gives it weight 0 for the step (with a warning), "
         "`raise` refuses the step.",
     )
+    max_grad_norm: float | None = Field(
+        None,
+        ge=0,
+        description="Clip the balanced update (ungrouped + weighted groups) to this total norm at every step, as "
+        "torch.nn.utils.clip_grad_norm_ does; null: no clipping. With DeepSpeed, use either this or its "
+        "`gradient_clipping`, not both.",
+    )
+    norm_type: Annotated[float, Field(gt=0)] | Literal["inf"] = Field(
+        2.0, description="The norm of `max_grad_norm`: 2.0 (Euclidean), any p > 0, or \"inf\"."
+    )
+
+    @model_validator(mode="after")
+    def _norm_type_needs_max_grad_norm(self) -> BalancerConfig:
+        if self.max_grad_norm is None and self.norm_type != 2.0:
+            raise ValueError(f"norm_type = {self.norm_type!r} without max_grad_norm would be ignored; set both")
+        return self
+
+    def balancer_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``Balancer`` this config sets, besides the plugins."""
+        return {"on_nonfinite": self.on_nonfinite, "max_grad_norm": self.max_grad_norm, "norm_type": self.norm_type}
 
 
 def _errors_of(exc: ValidationError, prefix: str = "", keyed: bool = False) -> Problems:
@@ -135,7 +171,7 @@ def _errors_of(exc: ValidationError, prefix: str = "", keyed: bool = False) -> P
     return out
 
 
-def _read_json(path: Path) -> Any:
+def read_json_file(path: Path) -> Any:
     """The JSON value in the file at ``path``; every way it can fail is a ConfigError naming the file."""
     repeated: list[str] = []
 
@@ -173,7 +209,7 @@ def _read_json(path: Path) -> Any:
 def _read_section(source: Mapping[str, Any] | str | Path) -> tuple[Any, str]:
     """The raw ``balancer`` section of a dict or JSON file, and the path prefix of its fields."""
     if isinstance(source, str | Path):
-        source = _read_json(Path(source))  # a file holding a string is not read as a path in turn
+        source = read_json_file(Path(source))  # a file holding a string is not read as a path in turn
     if not isinstance(source, Mapping):
         raise ConfigError([("", f"expected a dict, a JSON path or a BalancerConfig, found `{type(source).__name__}`")])
     section, prefix = (source["balancer"], "balancer") if "balancer" in source else (source, "")

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from balancer.backend import Backend
 from balancer.errors import BalancerError, CaptureError
+from balancer.flat_buffer import stacked_gram
 
 from ._agreement import RankAgreement, RankReductions
 from ._deepspeed_checkpoints import wrap_checkpoints
@@ -33,7 +34,17 @@ _MAX_CHUNKS = 64  # and few enough stretches that the Python loop stays short
 
 
 class DeepSpeedBackend(RankReductions, Backend):
-    """Group gradients of a ``DeepSpeedEngine``: this rank's owned share, one row per group."""
+    """Group gradients of a ``DeepSpeedEngine``: this rank's owned share, one row per group.
+
+    Clipping: DeepSpeed's own ``gradient_clipping`` clips what ``engine.step()`` reads, the balanced
+    update, with torch's rule; the Balancer then only reports that clip (``last_stats.grad_norm``
+    and ``clip_coef``, from the Gram matrix) and refuses a clip of its own on top. With
+    ``gradient_clipping`` 0 the Balancer's ``max_grad_norm``/``clip_grad_norm_`` (L2) clip instead.
+    The ungrouped gradient is a separate vector here, so its cross terms cost one more pass over
+    the rows, on steps that have one.
+    """
+
+    ungrouped_gram = True
 
     def __init__(self, engine: Any) -> None:
         super().__init__()
@@ -132,10 +143,49 @@ class DeepSpeedBackend(RankReductions, Backend):
         self._fresh.clear()
 
     @torch.no_grad()
-    def gram(self) -> Tensor:
+    def gram(self, *, ungrouped: bool = False) -> Tensor:
         self._agree_step()
         self._settle()
-        return self._agreement.sum(self._rows.gram(len(self._names)).to(torch.float64))
+        m = len(self._names)
+        if not ungrouped:
+            return self._agreement.sum(self._rows.gram(m).to(torch.float64))
+        return self._agreement.sum(self._stacked(m, exact=False))
+
+    def _stacked(self, m: int, exact: bool) -> Tensor:
+        """``[m+1, m+1]`` float64 Gram of ``[rows; ungrouped]`` (zeros for an unused ungrouped row)."""
+        parts = self._rows.parts(m)
+        if self._base_used:
+            assert self._base is not None
+            parts.append(self._base[None])
+        if not parts:
+            return torch.zeros((m + 1, m + 1), dtype=torch.float64, device=self.source.device)
+        gram = stacked_gram(parts, exact=exact).to(torch.float64)
+        return gram if self._base_used else torch.nn.functional.pad(gram, (0, 1, 0, 1))
+
+    @property
+    def gram_floor(self) -> float:
+        return self.source.numel * self._world * torch.finfo(torch.float32).tiny * 1e6
+
+    @torch.no_grad()
+    def refine_gram(self, gram: Tensor, rows: Sequence[int]) -> Tensor:
+        """Exactly-zero rows are right already; any other listed row: the whole matrix again in
+        float64 from scaled rows (rare)."""
+        m = len(self._names)
+        ungrouped = gram.shape[0] == m + 1
+        amax = self._rows.amax([r for r in rows if r < m])
+        if ungrouped and m in rows and self._base_used:
+            assert self._base is not None
+            amax = torch.cat([amax, self._base.abs().amax().double().reshape(1)])
+        amax = self._agreement.reduce(amax.nan_to_num(torch.inf), "max")
+        if not (torch.isfinite(amax) & (amax > 0)).any().item():  # zero rows, or truly non-finite ones
+            return gram
+        if ungrouped:
+            return self._agreement.sum(self._stacked(m, exact=True))
+        return self._agreement.sum(stacked_gram(self._rows.parts(m), exact=True).to(torch.float64))
+
+    def framework_clipping(self) -> float | None:
+        clip = float(getattr(self.engine, "gradient_clipping", lambda: 0.0)() or 0.0)
+        return clip if clip > 0 else None
 
     # -- combination -----------------------------------------------------------------------
     def expose_ungrouped(self, poison: Tensor | None = None) -> None:
@@ -147,11 +197,13 @@ class DeepSpeedBackend(RankReductions, Backend):
             self._rows.row(r).zero_()
 
     @torch.no_grad()
-    def combine(self, weights: Tensor, *, scale: float = 1.0) -> None:
+    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0) -> None:
         self._agree_step()  # ranks without groups never called gram(): agree here instead
         self._settle()
         base = self._base if self._base_used else None
         w = weights.to(device=self.source.device, dtype=torch.float32)
+        rescale = isinstance(scale, Tensor) or scale != 1.0
+        factor = scale.to(device=self.source.device, dtype=torch.float32) if isinstance(scale, Tensor) else scale
 
         def fill(out: Tensor, start: int, stop: int) -> None:
             for lo in range(start, stop, self._chunk):
@@ -161,8 +213,8 @@ class DeepSpeedBackend(RankReductions, Backend):
                 if base is not None:
                     acc.copy_(base[lo:hi])
                 self._rows.combination(acc, lo, hi, w, accumulate=base is not None)
-                if scale != 1.0:
-                    acc.mul_(scale)
+                if rescale:
+                    acc.mul_(factor)
                 if acc is not dst:
                     dst.copy_(acc)
 

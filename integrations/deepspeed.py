@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any
 
 from balancer import Balancer
-from balancer.config import resolve_config
+from balancer.config import read_json_file, resolve_config
 from balancer.errors import ConfigError
 
 from ._deepspeed_backend import DeepSpeedBackend
@@ -72,8 +72,6 @@ SECTION = "balancer"  # the top-level key of the DeepSpeed config that configure
 
 def _ds_config(arguments: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The DeepSpeed config as a dict and the argument it came from."""
-    from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config  # type: ignore[import-untyped]
-
     args = arguments.get("args")
     for where, value in (
         ("config", arguments.get("config")),
@@ -85,7 +83,10 @@ def _ds_config(arguments: dict[str, Any]) -> tuple[dict[str, Any], str]:
         if isinstance(value, str | Path):
             if not Path(value).is_file():
                 raise ConfigError([("", f"DeepSpeed config file `{value}` does not exist")])
-            return load_ds_config(str(value)), where
+            value = read_json_file(Path(value))  # every way a file can fail is a ConfigError
+            if not isinstance(value, dict):
+                raise ConfigError([("", f"the DeepSpeed config file must hold a JSON object; found {type(value).__name__}")])
+            return value, where
         if isinstance(value, dict):
             return value, where
         raise ConfigError([("", f"the DeepSpeed config must be a dict or a JSON path; found `{type(value).__name__}`")])
@@ -126,5 +127,5 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Balancer, Any, Any]:
         arguments["args"].deepspeed_config = None
     arguments["config"] = stripped
     engine, _, dataloader, lr_scheduler = deepspeed.initialize(**arguments)
-    opt = Balancer(engine, plugins, on_nonfinite=cfg.on_nonfinite)
+    opt = Balancer(engine, plugins, **cfg.balancer_kwargs())
     return engine, opt, dataloader, lr_scheduler

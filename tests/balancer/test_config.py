@@ -340,7 +340,7 @@ def test_config_models_are_frozen_too() -> None:
         EXPECTED.plugins[0].name = "other"
 
 
-@given(alpha=st.floats(min_value=0.0, max_value=1.0))
+@given(alpha=st.floats(min_value=0.0, max_value=1.0, exclude_min=True))  # 0 would change nothing: refused
 def test_any_alpha_in_the_unit_interval_validates(registry, alpha) -> None:
     [plugin] = build_plugins([{"name": "task_norm", "options": {"alpha": alpha}}], registry)
 
@@ -433,7 +433,7 @@ def test_config_error_is_a_value_error_and_a_balancer_error() -> None:
 def test_config_schema_holds_the_config_and_every_plugins_options(registry) -> None:
     schema = balancer.config_schema(registry)
 
-    assert set(schema["properties"]) == {"plugins", "on_nonfinite"}
+    assert set(schema["properties"]) == {"plugins", "on_nonfinite", "max_grad_norm", "norm_type"}
     assert schema["additionalProperties"] is False
     assert schema["properties"]["on_nonfinite"]["enum"] == ["zero", "raise"]
     assert schema["plugin_options"] == {p.name: p.Options.model_json_schema() for p in BUILTIN_PLUGINS}
@@ -824,3 +824,14 @@ def test_any_bytes_in_a_file_read_or_are_a_config_error(tmp_path_factory, data) 
         load_config(path)
     except ConfigError as exc:
         assert exc.errors
+
+
+def test_clipping_is_configured_with_the_plugins(registry) -> None:
+    model = torch.nn.Linear(2, 1)
+    cfg = {"balancer": {"plugins": ["task_norm"], "max_grad_norm": 0.5, "norm_type": "inf"}}
+    opt = Balancer.from_config(torch.optim.SGD(model.parameters(), lr=0.1), cfg, registry=registry)
+    assert opt.max_grad_norm == 0.5
+    with pytest.raises(ConfigError) as excinfo:
+        load_config({"norm_type": 1.0})
+    [(where, message)] = errors_of(excinfo)
+    assert where == "" and "norm_type = 1.0 without max_grad_norm would be ignored" in message

@@ -53,3 +53,9 @@ class Launch:
 def launch(tmp_path: Path) -> Launch:
     """``launch(script, *args)`` runs ``script`` on 2 ranks; ``sys.argv[1]`` is a shared temp folder."""
     return Launch(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def launch_once(tmp_path_factory: pytest.TempPathFactory) -> Launch:
+    """A :class:`Launch` in a module-scoped folder: one multi-rank run that many tests read."""
+    return Launch(tmp_path_factory.mktemp("multi_rank"))

@@ -240,20 +240,12 @@ def _relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> fl
     return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, expected, strict=True))
 
 
-def _launcher(request: pytest.FixtureRequest, path: Path):
-    """The ``Launch`` helper of ``conftest.py`` for a module-scoped folder (one launch, many tests)."""
-    for plugin in request.config.pluginmanager.get_plugins():
-        if str(getattr(plugin, "__file__", "")).endswith(os.path.join("integrations", "conftest.py")):
-            return plugin.Launch(path)
-    raise LookupError("tests/integrations/conftest.py (the Launch helper) is not loaded")
-
-
 @pytest.fixture(scope="module")
-def matrix(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    path = tmp_path_factory.mktemp("deepspeed_matrix")
+def matrix(launch_once):
+    path = launch_once.tmp_path
     variants = {**FP32, **BF16}
     # 420 s: the first DeepSpeed launch on a machine JIT-compiles its shm op (about 70 s on 2 cores).
-    _launcher(request, path)(MATRIX_SCRIPT, json.dumps(variants), json.dumps(GROUPS), str(STEPS), timeout=420)
+    launch_once(MATRIX_SCRIPT, json.dumps(variants), json.dumps(GROUPS), str(STEPS), timeout=420)
     reports = [json.loads((path / f"report{rank}.json").read_text()) for rank in range(2)]
     return path, reports
 
@@ -357,3 +349,11 @@ def test_initialize_reports_a_bad_balancer_section_before_building_anything(tmp_
         initialize(model=model, config={"train_micro_batch_size_per_gpu": 1})
     with pytest.raises(ConfigError, match="does not exist"):
         initialize(model=model, config=str(tmp_path / "nope.json"))
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe\x00{")
+    with pytest.raises(ConfigError, match="binary.json"):
+        initialize(model=model, config=str(binary))
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="JSON object"):
+        initialize(model=model, config=str(listed))
