@@ -6,8 +6,9 @@ saw in that step: per-group gradient norms, cosines, weights and losses, the sam
 split-half estimate of each task's squared gradient norm, and the step's imbalance ratio
 ``max_k ‖g_k‖² / min_k ‖g_k‖²`` of the naive task norms (``null`` when a task's gradient is
 zero), the statistic Wu et al. (*Imbalanced Gradients in RL Post-Training of Multi-Task LLMs*,
-arXiv 2510.19178) track; ``plugins`` holds each plugin's own metrics (e.g. ``balanced_dpo``'s
-chosen/rejected norms and log-probs). ``extra`` carries anything else, e.g. per-task rewards.
+arXiv 2510.19178) track; ``grad_norm`` and ``clip_coef`` are the update's norm before clipping
+and the clip factor (``null`` when the step did not clip); ``plugins`` holds each plugin's own
+metrics (e.g. ``balanced_dpo``'s chosen/rejected norms and log-probs). ``extra`` carries anything else, e.g. per-task rewards.
 ``balancer report`` turns the file into figures. Non-finite numbers are written as ``null`` so
 that every line is strict JSON.
 
@@ -89,6 +90,8 @@ def step_record(
         "task_weights": tasks.weights,
         "task_cosines": tasks.cosines,
         "imbalance_ratio": _ratio(task_sq),
+        "grad_norm": stats.grad_norm,  # the update's norm before clipping (null when the step did not clip)
+        "clip_coef": stats.clip_coef,
         "plugins": {name: dict(values) for name, values in (plugins or {}).items() if values},
         "extra": dict(extra or {}),
     }

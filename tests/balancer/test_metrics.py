@@ -126,3 +126,19 @@ def test_plugin_metrics_are_logged(tmp_path):
     assert dpo["chosen_norm"] == pytest.approx(norms[0]) and dpo["rejected_norm"] == pytest.approx(norms[1])
     assert dpo["logp_chosen"] is None  # nothing was tapped: nan is written as null
     assert read_metrics(tmp_path / "m.jsonl")["run"][0]["plugins"] == record["plugins"]
+
+
+def test_the_update_norm_and_clip_coefficient_are_logged(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    clipped = Balancer(torch.optim.SGD(model.parameters(), lr=0.01), plugins=["task_norm"], max_grad_norm=0.1)
+    _step(clipped, model, scale=10.0)
+    plain = Balancer(torch.optim.SGD(model.parameters(), lr=0.01), plugins=["task_norm"])
+    _step(plain, model, scale=10.0)
+    with MetricsLogger(tmp_path / "m.jsonl") as log:
+        record = log.log(clipped, step=0)
+        unclipped = log.log(plain, step=0)
+    assert record["grad_norm"] == pytest.approx(clipped.last_stats.grad_norm.item(), rel=1e-12)
+    assert record["clip_coef"] == pytest.approx(0.1 / (record["grad_norm"] + 1e-6), rel=1e-12)
+    assert record["clip_coef"] < 1
+    assert unclipped["grad_norm"] is None and unclipped["clip_coef"] is None
