@@ -29,7 +29,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["ClipRequest", "clip_coefficient", "gram_norm"]
+from .backend import Backend
+from .errors import CaptureError, NonFiniteGradientError
+
+__all__ = ["ClipRequest", "check_clip", "clip_coefficient", "clip_in_place", "gram_norm"]
 
 CLIP_EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against dividing by a zero norm
 
@@ -53,7 +56,8 @@ class ClipRequest:
             norm_type = math.inf
         if isinstance(norm_type, bool) or not isinstance(norm_type, int | float) or not norm_type > 0:
             raise ValueError(
-                f"`norm_type` must be a number > 0 or 'inf' (2.0: the Euclidean norm). Found `norm_type = {norm_type!r}`."
+                "`norm_type` must be a number > 0 or 'inf' (2.0: the Euclidean norm). "
+                f"Found `norm_type = {norm_type!r}`."
             )
         return cls(float(max_norm), float(norm_type), bool(error_if_nonfinite))
 
@@ -81,3 +85,37 @@ def gram_norm(gram: Tensor, weights: Tensor, scale: float, dropped: list[bool]) 
         gram = torch.where(keep[:, None] & keep[None, :], gram, 0.0)
     assert gram.shape == (k + 1, k + 1)
     return (v @ gram @ v).clamp_min(0.0).sqrt() * abs(scale)
+
+
+def has_update_norm(backend: Backend) -> bool:
+    """Whether ``backend`` can measure (and scale) the written update itself, beyond the Gram route."""
+    return type(backend).update_norm is not Backend.update_norm
+
+
+def check_clip(backend: Backend, request: ClipRequest, where: str) -> None:
+    """Refuses a clip the backend cannot do, or one the framework would repeat."""
+    framework = backend.framework_clipping()
+    if framework is not None:
+        raise CaptureError(
+            f"{where}: the framework already clips the balanced update to {framework} (DeepSpeed's "
+            "`gradient_clipping`). Clipping here as well would clip twice: set gradient_clipping to 0 in the "
+            "DeepSpeed config to clip with the Balancer, or leave it to DeepSpeed (last_stats.grad_norm and "
+            "clip_coef still report its clip)."
+        )
+    if not request.euclidean and not has_update_norm(backend):
+        raise ValueError(
+            f"{where}: norm_type={request.norm_type} is not available with {type(backend).__name__}, "
+            "which clips from the Gram matrix: use norm_type=2.0."
+        )
+
+
+def clip_in_place(backend: Backend, request: ClipRequest, scale: float) -> Tensor:
+    """No group pending: clip ``.grad`` itself, exactly as torch does (``scale``: 1 / the loss scale)."""
+    total = backend.update_norm(request.norm_type) * scale
+    if request.error_if_nonfinite and not bool(torch.isfinite(total).item()):
+        raise NonFiniteGradientError(
+            f"The total {request.norm_type}-norm of the gradients is {total.item()} (non-finite), so it "
+            "cannot be clipped. Check the losses, or clip with error_if_nonfinite=False."
+        )
+    backend.scale_update(clip_coefficient(total, request.max_norm))
+    return total

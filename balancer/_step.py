@@ -18,17 +18,19 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._clip import ClipRequest, clip_coefficient, gram_norm
+from ._clip import ClipRequest, clip_coefficient, gram_norm, has_update_norm
 from ._weighting import Verdict, read_verdict, run_plugins
 from .backend import Backend
-from .errors import BalancerWarning, NonFiniteGradientError, NonFiniteGradientWarning
+from .errors import BalancerWarning, CaptureError, NonFiniteGradientError, NonFiniteGradientWarning
 from .plugin import Plugin, State
 from .stats import GroupStats
 
 if TYPE_CHECKING:
     from .optimizer import Balancer
 
-__all__ = ["StepPlan", "clip_route", "measure", "plan_step", "trusted_verdict"]
+__all__ = ["StepPlan", "check_plan", "check_token", "clip_route", "measure", "plan_step", "trusted_verdict"]
+
+_CHECKED = "checked"  # a plan's capture token once checked (the GradScaler's own check changes .grad)
 
 
 @dataclasses.dataclass
@@ -45,10 +47,6 @@ class StepPlan:
     skip: bool = False  # AMP overflow: skip the step, as GradScaler expects
     token: Any = None  # the backend's capture token when the plan was made
     grad_norm: Tensor | None = None
-
-
-def has_update_norm(source: Backend) -> bool:
-    return type(source).update_norm is not Backend.update_norm
 
 
 def clip_route(source: Backend, clip: ClipRequest | None, groups: int) -> str | None:
@@ -87,9 +85,7 @@ def trusted_verdict(
     return gram, verdict
 
 
-def plan_step(
-    opt: Balancer, clip: ClipRequest | None, grad_scale: Tensor | None, found_inf: Tensor | None
-) -> StepPlan:
+def plan_step(opt: Balancer, clip: ClipRequest | None, grad_scale: Tensor | None, found_inf: Tensor | None) -> StepPlan:
     """Plans the step: statistics, verdict, plugins, clip. Writes nothing but, on the combined
     clip route, the update itself (reverted by the caller if the step fails)."""
     source = opt._source()
@@ -138,6 +134,35 @@ def plan_step(
     if plan.stats is not None:
         plan.stats = dataclasses.replace(plan.stats, grad_norm=total, clip_coef=coef)
     return plan
+
+
+def check_token(opt: Balancer, plan: StepPlan, source: Backend) -> None:
+    """Refuses a plan whose gradients changed since ``clip_grad_norm_`` measured them."""
+    if plan.token != _CHECKED and source.capture_token() != plan.token:
+        opt._plan = None
+        raise CaptureError(
+            "A backward pass added gradients after opt.clip_grad_norm_() measured the update, so the clip "
+            "would be wrong. Clip after the last backward pass of the step, right before step()."
+        )
+    plan.token = _CHECKED
+
+
+def check_plan(
+    opt: Balancer, plan: StepPlan, source: Backend, grad_scale: Tensor | None, found_inf: Tensor | None
+) -> None:
+    """The plan ``clip_grad_norm_`` made must fit the step being taken: same gradients, same scale."""
+    check_token(opt, plan, source)
+    measured = plan.verdict.scale
+    scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale.item())
+    if scale != measured:
+        opt._plan = None
+        raise CaptureError(
+            f"opt.clip_grad_norm_() measured the gradients at loss scale {1 / measured:g}, but step() received "
+            f"them at scale {1 / scale:g}. With a GradScaler pass it: opt.clip_grad_norm_(c, scaler=scaler), "
+            "then scaler.step(opt); without one, call opt.step() directly."
+        )
+    if found_inf is not None and bool(found_inf.item()):
+        plan.skip = True
 
 
 def _weigh(

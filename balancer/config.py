@@ -145,7 +145,7 @@ class BalancerConfig(BaseModel):
         "`gradient_clipping`, not both.",
     )
     norm_type: Annotated[float, Field(gt=0)] | Literal["inf"] = Field(
-        2.0, description="The norm of `max_grad_norm`: 2.0 (Euclidean), any p > 0, or \"inf\"."
+        2.0, description='The norm of `max_grad_norm`: 2.0 (Euclidean), any p > 0, or "inf".'
     )
 
     @model_validator(mode="after")

@@ -164,7 +164,9 @@ class LocalBackend(Backend):
     def exit(self) -> None:
         if self._active is None:
             raise CaptureError("exit() without a matching enter().")
-        sparse = [(buf.params[j].grad.layout, tuple(buf.params[j].shape)) for buf in self._buffers for j in buf.not_dense()]
+        sparse = [
+            (buf.params[j].grad.layout, tuple(buf.params[j].shape)) for buf in self._buffers for j in buf.not_dense()
+        ]
         if sparse:
             name = self._names[self._active]
             for buf in self._buffers:
@@ -184,9 +186,7 @@ class LocalBackend(Backend):
         self._active = None
 
     def capture_token(self) -> Any:
-        return tuple(
-            None if p.grad is None else (id(p.grad), self.kind.local(p.grad)._version) for p in self._params()
-        )
+        return tuple(None if p.grad is None else (id(p.grad), self.kind.local(p.grad)._version) for p in self._params())
 
     # -- statistics ------------------------------------------------------------------------
     @torch.no_grad()

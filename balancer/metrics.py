@@ -8,9 +8,9 @@ split-half estimate of each task's squared gradient norm, and the step's imbalan
 zero), the statistic Wu et al. (*Imbalanced Gradients in RL Post-Training of Multi-Task LLMs*,
 arXiv 2510.19178) track; ``grad_norm`` and ``clip_coef`` are the update's norm before clipping
 and the clip factor (``null`` when the step did not clip); ``plugins`` holds each plugin's own
-metrics (e.g. ``balanced_dpo``'s chosen/rejected norms and log-probs). ``extra`` carries anything else, e.g. per-task rewards.
-``balancer report`` turns the file into figures. Non-finite numbers are written as ``null`` so
-that every line is strict JSON.
+metrics (e.g. ``balanced_dpo``'s chosen/rejected norms and log-probs). ``extra`` carries anything
+else, e.g. per-task rewards. ``balancer report`` turns the file into figures. Non-finite numbers
+are written as ``null`` so that every line is strict JSON.
 
 Example::
 

@@ -17,8 +17,6 @@ present, its weight is not computed, and its plugin state (e.g. an EMA) is left 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -27,12 +25,12 @@ import torch
 from torch import Tensor
 
 from ._checks import check_graph_leaves, check_group_name, check_loss, check_model_params
-from ._clip import ClipRequest, clip_coefficient
+from ._clip import ClipRequest, check_clip, clip_in_place, has_update_norm
 from ._state import load_balancer_section, make_balancer_section
-from ._step import StepPlan, clip_route, has_update_norm, plan_step, trusted_verdict
+from ._step import StepPlan, check_plan, check_token, clip_route, measure, plan_step
 from .backend import Backend
 from .config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_config
-from .errors import CaptureError, NonFiniteGradientError
+from .errors import CaptureError
 from .layer_capture import LayerCapture
 from .local import LocalBackend
 from .plugin import Plugin, State
@@ -42,7 +40,6 @@ from .taps import TapHub
 
 __all__ = ["Balancer"]
 
-_CHECKED = object()  # a plan's capture token once checked (the GradScaler's own check changes .grad)
 
 _HOOK_REGISTRIES = (
     "_optimizer_step_pre_hooks",
@@ -125,7 +122,7 @@ class Balancer(torch.optim.Optimizer):
         self._backend: Backend = backend if backend is not None else _select_backend(inner, registry)
         self._inner = self._backend.optimizer
         if self._clip is not None:
-            self._check_clip(self._clip, "max_grad_norm")
+            check_clip(self._backend, self._clip, "max_grad_norm")
         if model is not None:
             check_model_params(model, self._backend.trained_parameters())
         self._plugin_states: dict[str, State] = {p.name: p.init() for p in self._plugins}
@@ -229,15 +226,15 @@ class Balancer(torch.optim.Optimizer):
         if k and source.active is None:
             plan = self._plan
             if plan is not None:  # clip_grad_norm_(scaler=...) planned the step
-                self._check_token(plan, source)
+                check_token(self, plan, source)
                 poison = plan.skip
-            else:
+            else:  # no host sync here: a Gram row that is not finite makes the scaler skip and back off
                 clip = self._clip if self._clip is not None else self._report_clip()
-                ungrouped = clip_route(source, clip, k) == "gram"
-                _, verdict = trusted_verdict(self, source, ungrouped, k, None, None)
-                poison = any(verdict.nonfinite) or any(name in self._dropped for name in source.names)
+                gram, _ = measure(self, source, clip_route(source, clip, k) == "gram")
+                dropped = any(name in self._dropped for name in source.names)
+                poison = (~torch.isfinite(gram.diagonal()[:k]).all()) | dropped
             if plan is None or not plan.combined:
-                source.expose_ungrouped(torch.tensor(poison, device=source.stats_device))
+                source.expose_ungrouped(torch.as_tensor(poison, device=source.stats_device))
         return True
 
     def _report_clip(self) -> ClipRequest | None:
@@ -388,7 +385,7 @@ class Balancer(torch.optim.Optimizer):
         if plan is None:
             plan = plan_step(self, self._clip, grad_scale, found_inf)
         else:
-            self._check_plan(plan, source, grad_scale, found_inf)
+            check_plan(self, plan, source, grad_scale, found_inf)
         if plan.skip:
             source.revert()
             self._taps.discard()
@@ -429,32 +426,6 @@ class Balancer(torch.optim.Optimizer):
         self._dropped.clear()
         self._plan, self._measured = None, None
 
-    def _check_token(self, plan: StepPlan, source: Backend) -> None:
-        if plan.token is not _CHECKED and source.capture_token() != plan.token:
-            self._plan = None
-            raise CaptureError(
-                "A backward pass added gradients after opt.clip_grad_norm_() measured the update, so the clip "
-                "would be wrong. Clip after the last backward pass of the step, right before step()."
-            )
-        plan.token = _CHECKED
-
-    def _check_plan(
-        self, plan: StepPlan, source: Backend, grad_scale: Tensor | None, found_inf: Tensor | None
-    ) -> None:
-        """The plan clip_grad_norm_ made must fit the step being taken (same gradients, same scale)."""
-        self._check_token(plan, source)
-        measured = plan.verdict.scale
-        scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale.item())
-        if scale != measured:
-            self._plan = None
-            raise CaptureError(
-                f"opt.clip_grad_norm_() measured the gradients at loss scale {1 / measured:g}, but step() received "
-                f"them at scale {1 / scale:g}. With a GradScaler pass it: opt.clip_grad_norm_(c, scaler=scaler), "
-                "then scaler.step(opt); without one, call opt.step() directly."
-            )
-        if found_inf is not None and bool(found_inf.item()):
-            plan.skip = True
-
     def clip_grad_norm_(
         self, max_norm: float, norm_type: float | str = 2.0, error_if_nonfinite: bool = False, *, scaler: Any = None
     ) -> Tensor:
@@ -485,44 +456,19 @@ class Balancer(torch.optim.Optimizer):
                 f"This Balancer already clips every step to max_grad_norm={self._clip.max_norm}; calling "
                 "clip_grad_norm_ as well would clip twice. Use one of them."
             )
-        self._check_clip(request, "clip_grad_norm_")
+        check_clip(self._backend, request, "clip_grad_norm_")
         if self._plan is not None:
             raise CaptureError("clip_grad_norm_() was already called in this step; call it once, before step().")
-        enabled = scaler is not None and scaler.is_enabled()
-        scale = 1.0 / float(scaler.get_scale()) if enabled else 1.0
         source = self._source()
+        scale = 1.0 / float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else None
         if not source.names and has_update_norm(source):  # nothing grouped: clip .grad as torch does
-            total = source.update_norm(request.norm_type) * scale
-            if request.error_if_nonfinite and not bool(torch.isfinite(total).item()):
-                raise NonFiniteGradientError(
-                    f"The total {request.norm_type}-norm of the gradients is {total.item()} (non-finite), so it "
-                    "cannot be clipped. Check the losses, or clip with error_if_nonfinite=False."
-                )
-            source.scale_update(clip_coefficient(total, request.max_norm))
-            return total
-        grad_scale = torch.tensor(1.0 / scale, dtype=torch.float64) if enabled else None
-        plan = plan_step(self, request, grad_scale, None)
-        plan.token = source.capture_token()
-        self._plan = plan
-        if plan.grad_norm is None:  # AMP: a non-finite group; scaler.step(opt) will skip the step
+            return clip_in_place(source, request, 1.0 if scale is None else scale)
+        grad_scale = None if scale is None else torch.tensor(1.0 / scale, dtype=torch.float64)
+        self._plan = plan_step(self, request, grad_scale, None)
+        self._plan.token = source.capture_token()
+        if self._plan.grad_norm is None:  # AMP: a non-finite group; scaler.step(opt) will skip the step
             return torch.tensor(float("inf"), dtype=torch.float64, device=source.stats_device)
-        return plan.grad_norm
-
-    def _check_clip(self, request: ClipRequest, where: str) -> None:
-        """Refuses a clip the backend cannot do, or one the framework would repeat."""
-        framework = self._backend.framework_clipping()
-        if framework is not None:
-            raise CaptureError(
-                f"{where}: the framework already clips the balanced update to {framework} (DeepSpeed's "
-                "`gradient_clipping`). Clipping here as well would clip twice: set gradient_clipping to 0 in the "
-                "DeepSpeed config to clip with the Balancer, or leave it to DeepSpeed (last_stats.grad_norm and "
-                "clip_coef still report its clip)."
-            )
-        if not request.euclidean and not has_update_norm(self._backend):
-            raise ValueError(
-                f"{where}: norm_type={request.norm_type} is not available with {type(self._backend).__name__}, "
-                "which clips from the Gram matrix: use norm_type=2.0."
-            )
+        return self._plan.grad_norm
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clears ungrouped and pending group gradients (``.grad`` set to ``None`` by default)."""

@@ -7,11 +7,15 @@ group is one sub-batch of 64 samples with its own data and a cross-entropy loss.
 * Baseline step: the k forward+backward passes accumulate (sum) into the ordinary ``.grad``,
   then ``AdamW.step()`` and ``zero_grad()``.
 * Balancer step: the same k passes, each inside ``with opt.group(f"g{i}")``, then
-  ``opt.step()`` and ``opt.zero_grad()``; once with no plugin and once with ``task_norm``.
+  ``opt.step()`` and ``opt.zero_grad()``; once with no plugin, once with ``task_norm``, and once
+  with ``task_norm`` and ``max_grad_norm`` (the "clipped" run: the update's norm from the Gram
+  matrix, ``wᵀGw``, and the clip coefficient folded into the one combination). The clip is set
+  below the update's norm so that it engages at every step.
 
 Time: every run gets its own seeded model and warms up; then the three runs of one k take
 steps in turn (the order rotates every round, so machine noise hits all of them) and the median
-step time of each is kept. The ratio balancer/baseline has the target <= 1.15x. Two parts of the
+step time of each is kept. The ratio balancer/baseline has the target <= 1.15x; the clipped run
+is also compared with the unclipped ``task_norm`` run (target <= 1.02x). Two parts of the
 difference are shown on their own: "capture", the median forward+backward time of the balancer
 minus the baseline's (zeroing the group rows, accumulating into them), and "balance", the median
 of ``opt.step()`` minus the inner AdamW step inside it (Gram matrix, plugins, combination),
@@ -64,9 +68,15 @@ from balancer import Balancer
 
 THREADS = 2
 TIME_TARGET = 1.15  # balancer step time / baseline step time
+CLIP_TARGET = 1.02  # clipped step time / unclipped (task_norm) step time
 MEMORY_TARGET = 1.1  # extra memory in units of k*n*4 bytes
 BASELINE = "baseline"
-PLUGINS: dict[str, list[str]] = {"none": [], "task_norm": ["task_norm"]}  # balancer runs
+CLIP_NORM = 1e-3  # below the update's norm: the clip engages every step
+PLUGINS: dict[str, tuple[list[str], float | None]] = {  # balancer runs: plugins, max_grad_norm
+    "none": ([], None),
+    "task_norm": (["task_norm"], None),
+    "clipped": (["task_norm"], CLIP_NORM),
+}
 RUNS = (BASELINE, *PLUGINS)
 
 
@@ -136,7 +146,8 @@ class Trainer:
         self.batches = make_batches(cfg, k)
         inner = torch.optim.AdamW(self.model.parameters())
         self.clock = InnerClock(inner)
-        self.balancer = None if run == BASELINE else Balancer(inner, PLUGINS[run])
+        plugins, max_grad_norm = PLUGINS.get(run, ([], None))
+        self.balancer = None if run == BASELINE else Balancer(inner, plugins, max_grad_norm=max_grad_norm)
         self.opt: torch.optim.Optimizer = inner if self.balancer is None else self.balancer
 
     def _group(self, i: int) -> AbstractContextManager[None]:
@@ -189,10 +200,15 @@ def print_time_rows(k: int, samples: dict[str, list[StepTime]]) -> None:
         capture = median_ms(samples[run], "forward_backward") - base_fb
         balance = median_ms(samples[run], "balance")
         ratio = total / base
-        print(
+        line = (
             f"{k:>3}  {run:<10} {base:>9.1f} {total:>9.1f} {ratio:>6.3f}x"
             f" {capture:>+10.1f} {balance:>9.1f}   {verdict(ratio <= TIME_TARGET)}"
         )
+        if PLUGINS[run][1] is not None:
+            unclipped = median_ms(samples["task_norm"], "total")
+            clip_ratio = total / unclipped
+            line += f"   clipped/unclipped {clip_ratio:.3f}x {verdict(clip_ratio <= CLIP_TARGET)}"
+        print(line)
 
 
 # -- memory --------------------------------------------------------------------------------------
@@ -283,7 +299,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print_memory_rows(k, n, peaks)
 
     print("\nTime: median ms per step (k forward+backward passes, step, zero_grad)")
-    print(f"target: ratio balancer/baseline <= {TIME_TARGET}x; capture = extra forward+backward time,")
+    print(f"target: ratio balancer/baseline <= {TIME_TARGET}x, clipped/unclipped <= {CLIP_TARGET}x;")
+    print("capture = extra forward+backward time,")
     print("balance = opt.step() minus the inner AdamW step")
     print(
         f"{'k':>3}  {'run':<10} {'baseline':>9} {'balancer':>9} {'ratio':>7} {'capture ms':>10} "

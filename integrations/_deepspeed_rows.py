@@ -66,7 +66,9 @@ class GroupRows:
         """Largest magnitude of each listed row, float64."""
         if not rows:
             return torch.zeros(0, dtype=torch.float64, device=self.device)
-        return torch.stack([self.row(i).abs().amax() if self.numel else self.row(i).new_zeros(()) for i in rows]).double()
+        return torch.stack(
+            [self.row(i).abs().amax() if self.numel else self.row(i).new_zeros(()) for i in rows]
+        ).double()
 
     @torch.no_grad()
     def gram(self, m: int) -> Tensor:

@@ -85,7 +85,9 @@ def _ds_config(arguments: dict[str, Any]) -> tuple[dict[str, Any], str]:
                 raise ConfigError([("", f"DeepSpeed config file `{value}` does not exist")])
             value = read_json_file(Path(value))  # every way a file can fail is a ConfigError
             if not isinstance(value, dict):
-                raise ConfigError([("", f"the DeepSpeed config file must hold a JSON object; found {type(value).__name__}")])
+                raise ConfigError(
+                    [("", f"the DeepSpeed config file must hold a JSON object; found {type(value).__name__}")]
+                )
             return value, where
         if isinstance(value, dict):
             return value, where

@@ -100,7 +100,9 @@ def test_a_failed_step_of_the_layer_capture_is_retried_exactly(make_batches):
     ref = Balancer(torch.optim.SGD(ref_model.parameters(), lr=0.1), plugins=["task_norm"], model=ref_model)
     inner = FlakySGD(model.parameters(), lr=0.1)
     opt = Balancer(inner, plugins=["task_norm"], model=model, max_grad_norm=0.5)
-    ref = Balancer(torch.optim.SGD(ref_model.parameters(), lr=0.1), plugins=["task_norm"], model=ref_model, max_grad_norm=0.5)
+    ref = Balancer(
+        torch.optim.SGD(ref_model.parameters(), lr=0.1), plugins=["task_norm"], model=ref_model, max_grad_norm=0.5
+    )
     batches = make_batches()
     for m, o in ((ref_model, ref), (model, opt)):
         m(batches["g0"][0]).sum().mul(0.1).backward()  # ungrouped

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
