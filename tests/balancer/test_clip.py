@@ -196,10 +196,12 @@ def test_taps_are_part_of_the_clipped_update():
     _step_and_check(opt, model, expected, torch.zeros_like(expected["a"]), 0.4)
 
 
-def test_gradscaler_clip_equals_the_unscaled_clip(make_model, make_batches, group_loss):
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_gradscaler_clip_equals_the_unscaled_clip(norm_type, make_model, make_batches, group_loss):
+    clip = {"max_grad_norm": 0.5, "norm_type": norm_type}
     ref, amp = make_model(), make_model()
-    ref_opt = Balancer(torch.optim.SGD(ref.parameters(), lr=0.1), plugins=["task_norm"], max_grad_norm=0.5)
-    amp_opt = Balancer(torch.optim.SGD(amp.parameters(), lr=0.1), plugins=["task_norm"], max_grad_norm=0.5)
+    ref_opt = Balancer(torch.optim.SGD(ref.parameters(), lr=0.1), plugins=["task_norm"], **clip)
+    amp_opt = Balancer(torch.optim.SGD(amp.parameters(), lr=0.1), plugins=["task_norm"], **clip)
     call_model = make_model()
     call_opt = Balancer(torch.optim.SGD(call_model.parameters(), lr=0.1), plugins=["task_norm"])
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=1000)
@@ -218,7 +220,7 @@ def test_gradscaler_clip_equals_the_unscaled_clip(make_model, make_batches, grou
                 with opt.group(name):
                     sc.scale(group_loss(model, batch)).backward()
             if opt is call_opt:
-                norm = opt.clip_grad_norm_(0.5, scaler=sc)
+                norm = opt.clip_grad_norm_(0.5, norm_type, scaler=sc)
                 torch.testing.assert_close(norm, ref_opt.last_stats.grad_norm, rtol=1e-6, atol=0)
             sc.step(opt)
             sc.update()
@@ -228,6 +230,21 @@ def test_gradscaler_clip_equals_the_unscaled_clip(make_model, make_batches, grou
     for model in (amp, call_model):
         for a, b in zip(ref.parameters(), model.parameters(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradscaler_overflow_after_a_clip_skips_the_step(make_model, make_batches, group_loss):
+    model = make_model()
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["task_norm"])
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, backoff_factor=0.5)
+    for name, batch in make_batches().items():
+        with opt.group(name):
+            loss = group_loss(model, batch)
+            scaler.scale(loss * float("inf") if name == "g1" else loss).backward()
+    assert torch.isinf(opt.clip_grad_norm_(0.5, scaler=scaler))
+    before = _params(model)
+    assert scaler.step(opt) is None
+    scaler.update()
+    assert torch.equal(before, _params(model)) and scaler.get_scale() == 2.0**9
 
 
 def test_clip_without_scaler_under_a_gradscaler_is_refused(make_model, make_batches, group_loss):
