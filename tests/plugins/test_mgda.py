@@ -47,32 +47,39 @@ def test_direction_is_the_min_norm_point(name, a, direction):
     # d is the min-norm point of the hull iff g_iᵀd ≥ ‖d‖² for every i (an exact characterisation).
     assert (a @ d >= (d @ d) - 1e-10 * a.norm(dim=1).max() ** 2).all()
     ref = _reference(a)
-    assert d.norm() <= ref.norm() * (1 + 1e-9)
+    # When 0 is in the hull (rank-deficient) both norms are solver noise (ours ~5e-13, SLSQP's 2e-13 to
+    # 3e-10 by machine): an absolute floor scaled by the gradients; a wrong face is off by O(‖g‖).
+    assert d.norm() <= ref.norm() * (1 + 1e-9) + 1e-9 * a.norm(dim=1).max()
     if name != "badly scaled":  # SLSQP itself fails there (off by 1e2); the optimality test above holds
         torch.testing.assert_close(d, ref, rtol=1e-6, atol=1e-8 * a.norm(dim=1).max())
 
 
 @pytest.mark.parametrize(
-    "a",
+    ("a", "expected"),
     [
-        torch.tensor([[1.0, 2.0], [-1.0, -2.0], [0.5, -3.0]], dtype=f64),  # opposite pair: 0 in the hull
-        torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.5, -3.0]], dtype=f64),  # zero gradient
-        torch.tensor([[1e-12, 0.0], [0.0, 1.0], [1e12, 1e12]], dtype=f64),  # norms 1e±12
+        (torch.tensor([[1.0, 2.0], [-1.0, -2.0], [0.5, -3.0]], dtype=f64), 0.0),  # opposite pair: 0 in the hull
+        (torch.tensor([[1.0, 2.0], [0.0, 0.0], [0.5, -3.0]], dtype=f64), 0.0),  # zero gradient
+        (torch.tensor([[1e-12, 0.0], [0.0, 1.0], [1e12, 1e12]], dtype=f64), 1e-12),  # norms 1e±12: near g_1
     ],
 )
-def test_pareto_stationary_and_extreme_cases(a, direction):
+def test_pareto_stationary_and_extreme_cases(a, expected, direction):
     w, d = direction(MGDA(), a)
     assert torch.isfinite(w).all()
-    assert d.norm() <= 1e-9 * a.norm(dim=1).min().clamp_min(1e-12) + 1e-11
+    # ‖Σ w_i g_i‖ is computed to about eps·Σ|w_i|‖g_i‖: that (times 1e4) is the floor, so weight left
+    # on a long gradient where the point is 0 (or 1e-12 long) still fails.
+    assert d.norm() <= expected * (1 + 1e-9) + 1e-12 * (w.abs() @ a.norm(dim=1))
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_equals_torchjd_with_two_groups(torchjd_aggregation, seed, direction):
     """With 2 groups torchjd's Frank-Wolfe step is an exact line search over the whole hull."""
     a = torch.randn(2, 8, generator=torch.Generator().manual_seed(seed), dtype=f64)
-    _, d = direction(MGDA(), a)
-    torch.testing.assert_close(d, torchjd_aggregation.MGDA()(a), rtol=1e-5, atol=0)
-    torch.testing.assert_close(direction(MGDA(), a)[0], torchjd_aggregation.MGDAWeighting()(a @ a.T), rtol=1e-5, atol=0)
+    w, d = direction(MGDA(), a)
+    ref = torchjd_aggregation.MGDA()(a)
+    # Element-wise, a coordinate of the direction may cancel to ~0: the tolerance is relative to the vector.
+    torch.testing.assert_close(d, ref, rtol=1e-5, atol=1e-5 * ref.norm().item())
+    # Weights on the simplex (they sum to 1): a weight at a face is 0 here and ~1e-17 there, so absolute too.
+    torch.testing.assert_close(w, torchjd_aggregation.MGDAWeighting()(a @ a.T), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -84,7 +91,7 @@ def test_never_worse_than_torchjd(torchjd_aggregation, seed, direction):
     a = torch.randn(3 + seed % 4, 8, generator=gen, dtype=f64)
     _, d = direction(MGDA(), a)
     ref = torchjd_aggregation.MGDA()(a)
-    assert d.norm() <= ref.norm() * (1 + 1e-12)
+    assert d.norm() <= ref.norm() * (1 + 1e-12) + 1e-12 * a.norm(dim=1).max()
     assert (d - ref).norm() <= 0.15 * d.norm()  # measured: up to 0.097 with its defaults
     tight = torchjd_aggregation.MGDA(epsilon=1e-15, max_iters=100_000)(a)
     assert (d - tight).norm() <= 1e-3 * d.norm()  # measured: up to 4.6e-4 (Frank-Wolfe is sublinear)
@@ -110,7 +117,7 @@ def test_equals_libmtl(libmtl, ntype, seed, direction):
     losses = torch.rand(a.shape[0], generator=gen, dtype=f64) + 0.5
     _, d = direction(MGDA(normalization=ntype), a, losses=losses)
     ref = _libmtl_direction(libmtl, a, losses, ntype)
-    assert d.norm() <= ref.norm() * (1 + 1e-6)
+    assert d.norm() <= ref.norm() * (1 + 1e-6) + 1e-9 * a.norm(dim=1).max()
     factor = {"none": 1, "l2": a.norm(dim=1), "loss": losses, "loss+": losses * a.norm(dim=1)}[ntype]
     normalised = a / torch.as_tensor(factor, dtype=f64).reshape(-1, 1)
     if (normalised @ ref >= ref @ ref * (1 - 1e-4)).all():  # LibMTL converged (it did not for seed 2, loss+)
@@ -124,7 +131,7 @@ def test_libmtl_nan_cases_are_finite_here(libmtl, direction):
     with np.errstate(all="ignore"):
         assert torch.isnan(libmtl.MGDA()._gradient_normalizers(a.float(), ones.float(), ntype="l2")).any()
     w, d = direction(MGDA(normalization="l2"), a)
-    assert torch.isfinite(w).all() and d.norm() < 1e-12
+    assert torch.isfinite(w).all() and d.norm() < 1e-12 * a.norm(dim=1).max()
 
 
 @pytest.mark.parametrize("norm", [1e-30, 1e-8, 1e4, 1e10, 1e30])
@@ -144,21 +151,23 @@ def test_normalizations_follow_the_formula(direction):
     losses = torch.tensor([0.5, 2.0, 1.0, 3.0], dtype=f64)
     for name, n in [("l2", a.norm(dim=1)), ("loss", losses), ("loss+", losses * a.norm(dim=1))]:
         _, d = direction(MGDA(normalization=name), a, losses=losses)
-        torch.testing.assert_close(d, _reference(a / n[:, None]), rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(
+            d, _reference(a / n[:, None]), rtol=1e-6, atol=1e-9 * (a / n[:, None]).norm(dim=1).max()
+        )
     _, d_nan = direction(MGDA(normalization="loss"), a)  # losses unknown (nan): no loss normalisation
-    torch.testing.assert_close(d_nan, _reference(a), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(d_nan, _reference(a), rtol=1e-6, atol=1e-9 * a.norm(dim=1).max())
 
 
 def test_incoming_weights_compose(direction):
     a = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=f64)
     v = torch.tensor([2.0, 0.5, 1.5], dtype=f64)
     _, d = direction(MGDA(), a, incoming=v)
-    torch.testing.assert_close(d, _reference(v[:, None] * a), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(d, _reference(v[:, None] * a), rtol=1e-6, atol=1e-9 * (v[:, None] * a).norm(dim=1).max())
 
 
 def test_real_model_update_is_lr_times_direction(real_model_step):
     update, grads = real_model_step(["mgda"], 0.05)
-    torch.testing.assert_close(update, 0.05 * _reference(grads), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(update, 0.05 * _reference(grads), rtol=1e-6, atol=1e-9 * 0.05 * grads.norm(dim=1).max())
 
 
 @pytest.mark.parametrize("options", [{}, {"normalization": "l2"}, {"normalization": "loss+"}])

@@ -69,7 +69,7 @@ def test_equals_torchjd_given_the_same_samples(torchjd_aggregation, monkeypatch)
     samples = torch.randn(3, dtype=F64)
     monkeypatch.setattr(rlw_module, "group_normals", lambda *args: samples)
     direction = _weights(("a", "b", "c")) @ grads
-    assert (direction - expected).norm() <= 1e-5 * expected.norm()
+    assert (direction - expected).norm() <= 1e-5 * expected.norm() + 1e-13 * grads.norm(dim=1).max()
 
 
 def test_incoming_weights_are_multiplied():
@@ -100,10 +100,17 @@ def test_real_model_update_and_resume(group_gradients):
             expected = _weights(("t0", "t1", "t2"), step=step, seed=4)
             torch.testing.assert_close(opt.last_stats.weights, expected, rtol=0, atol=0)
             after = torch.cat([p.detach().reshape(-1) for p in params])
-            torch.testing.assert_close(before - after, 0.1 * expected @ grads, rtol=1e-10, atol=1e-15)
+            # θ - lr·d is rounded at eps·|θ| and a coordinate of d may cancel: the floor follows both scales.
+            torch.testing.assert_close(
+                before - after,
+                0.1 * expected @ grads,
+                rtol=1e-10,
+                atol=1e-14 * (before.abs().max() + 0.1 * grads.norm(dim=1).max()).item(),
+            )
         return after
 
-    torch.testing.assert_close(run(resume_at=2), run(), rtol=1e-12, atol=1e-15)
+    straight = run()
+    torch.testing.assert_close(run(resume_at=2), straight, rtol=1e-12, atol=1e-14 * straight.abs().max().item())
 
 
 @pytest.mark.parametrize("options", [{}, {"seed": 9}, {"std": 3.0}])
