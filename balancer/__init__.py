@@ -26,7 +26,7 @@ from .errors import (
 from .hookspecs import hookimpl
 from .metrics import MetricsLogger
 from .optimizer import Balancer
-from .plugin import Plugin, PluginOptions, State
+from .plugin import InvalidStateError, Plugin, PluginOptions, State
 from .registry import PluginInfo, Registry, default_registry, list_plugins
 from .split_half import SplitHalf
 from .stats import GroupStats
@@ -45,6 +45,7 @@ __all__ = [
     "ConfigError",
     "GroupMismatchError",
     "GroupStats",
+    "InvalidStateError",
     "MetricsLogger",
     "NonFiniteGradientError",
     "NonFiniteGradientWarning",

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from .config import build_plugins
-from .plugin import Plugin, State
+from .plugin import InvalidStateError, Plugin, State
 from .registry import Registry
 from .stats import GroupStats
 
@@ -135,6 +135,18 @@ class SplitHalf(Plugin):
 
     def init(self) -> State:
         return {plugin.name: plugin.init() for plugin in self.inner}
+
+    def check_state(self, state: State) -> None:
+        """One entry per inner plugin, each checked by that plugin (its own "unknown" markers included)."""
+        names = [plugin.name for plugin in self.inner]
+        if not isinstance(state, dict) or sorted(state) != sorted(names):
+            found = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise InvalidStateError("", f"found {found}; expected one entry per inner plugin {names}")
+        for plugin in self.inner:
+            try:
+                plugin.check_state(state[plugin.name])
+            except InvalidStateError as exc:
+                raise InvalidStateError(f"{plugin.name}.{exc.path}" if exc.path else plugin.name, exc.problem) from None
 
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
         _, rows = task_layout(stats.names)

@@ -13,7 +13,52 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["NamedIndex"]
+from balancer.plugin import InvalidStateError, State
+
+__all__ = ["NamedIndex", "check_named_state", "check_nonnegative", "check_scalars_by_name"]
+
+
+def check_named_state(state: State, vectors: Sequence[str] = (), matrices: Sequence[str] = ()) -> None:
+    """Raises :class:`~balancer.plugin.InvalidStateError` unless ``state["names"]`` lists distinct
+    group names and every tensor of ``vectors`` (``matrices``) has one entry (row and column) per name."""
+    names = state["names"]
+    if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise InvalidStateError("names", f"found {names!r}; expected distinct group names (str)")
+    m = len(names)
+    for key, shape in [(k, (m,)) for k in vectors] + [(k, (m, m)) for k in matrices]:
+        if tuple(state[key].shape) != shape:
+            raise InvalidStateError(
+                key, f"found shape {tuple(state[key].shape)}; expected {shape}, one entry per name in `names` ({m})"
+            )
+
+
+def check_scalars_by_name(values: object, path: str) -> None:
+    """Raises :class:`~balancer.plugin.InvalidStateError` unless ``values`` maps group names to
+    0-dimensional floating tensors that are not negative (an EMA of norms, bargaining weights)."""
+    if not isinstance(values, dict):
+        raise InvalidStateError(path, f"found {values!r}; expected a dict of group names")
+    for name, value in values.items():
+        where = f"{path}.{name}"
+        if not isinstance(name, str) or not isinstance(value, Tensor):
+            raise InvalidStateError(where, f"found {value!r}; expected a group name mapped to a 0-d float tensor")
+        if value.dim() != 0 or not value.is_floating_point():
+            raise InvalidStateError(
+                where, f"found a {value.dtype} tensor of shape {tuple(value.shape)}; expected 0-d float"
+            )
+        check_nonnegative(value, where)
+
+
+def check_nonnegative(value: Tensor | int, path: str) -> None:
+    """Raises :class:`~balancer.plugin.InvalidStateError` at the first negative entry of ``value``."""
+    if isinstance(value, int):  # a Python count, of any size
+        if value < 0:
+            raise InvalidStateError(path, f"found {value}; this count cannot be negative")
+        return
+    negative = value < 0
+    if bool(negative.any()):
+        index = [int(i) for i in negative.nonzero()[0]]
+        where = f"{path}[{', '.join(map(str, index))}]" if index else path
+        raise InvalidStateError(where, f"found {value[tuple(index)].item()}; this value cannot be negative")
 
 
 class NamedIndex:

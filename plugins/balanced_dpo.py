@@ -62,12 +62,14 @@ import math
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer.plugin import InvalidStateError
 from balancer.taps import TapEvent
 
+from ._options import refuse_ignored
 from .task_norm import TaskNorm
 
 __all__ = ["BalancedDPO", "BalancedDPOOptions"]
@@ -90,6 +92,46 @@ class BalancedDPOOptions(PluginOptions):
     side: Literal["chosen", "rejected"] = Field("chosen", description="prob rule: the side that is rescaled.")
     floor: float = Field(0.0, ge=0.0, le=1.0, description="prob rule, side chosen: lower bound of the factor.")
 
+    @model_validator(mode="after")
+    def _nothing_ignored(self) -> BalancedDPOOptions:
+        if self.chosen == self.rejected:
+            raise ValueError(
+                f"chosen and rejected are both {self.chosen!r}: the two sides must be different groups. "
+                "Name the chosen and the rejected group as captured (see balancer.dpo.dpo_group_losses)."
+            )
+        if self.rule == "norm":
+            refuse_ignored(
+                self,
+                ["clip", "side", "floor"],
+                "with rule='norm' (they belong to rule='prob')",
+                "Set rule='prob' to rescale at the log-prob taps, or remove them.",
+            )
+            if self.alpha == 0.0:
+                raise ValueError(
+                    "alpha=0 with rule='norm' changes no weight (and beta would be ignored). Use alpha > 0, or remove "
+                    "the plugin and read the chosen/rejected norms from opt.last_stats.norms."
+                )
+        else:
+            refuse_ignored(
+                self,
+                ["alpha", "beta"],
+                "with rule='prob' (they belong to rule='norm')",
+                "Set rule='norm' to balance the parameter-gradient norms, or remove them.",
+            )
+            if self.side == "rejected":
+                refuse_ignored(
+                    self,
+                    ["floor"],
+                    "with side='rejected' (it bounds the chosen side's factor)",
+                    "Set side='chosen', or remove floor (the rejected factor already lies in [1/clip, clip]).",
+                )
+                if self.clip <= 1.0:
+                    raise ValueError(
+                        f"clip={self.clip} with side='rejected' leaves no room: the factor is clamped to [1/clip, "
+                        "clip], which is the single value 1 (clip=1) or empty (clip<1). Use clip > 1 (default 2)."
+                    )
+        return self
+
 
 class BalancedDPO(Plugin):
     """Balances DPO's chosen and rejected gradients (rules "norm" and "prob"; see the module docs)."""
@@ -98,6 +140,15 @@ class BalancedDPO(Plugin):
     version = "1"
     Options = BalancedDPOOptions
     options: BalancedDPOOptions
+    # NaN: not measured yet (or a side absent from the step); logged values may be -inf (π = 0).
+    nonfinite_state = {
+        "task_norm.ema_target": "nan",
+        "norms": "nan",
+        "weights": "nan",
+        "factor": "nan",
+        "logp": "any",
+        "prev_logp": "any",
+    }
 
     def __init__(self, options: Any = None, /, **kwargs: Any) -> None:
         super().__init__(options, **kwargs)
@@ -113,6 +164,14 @@ class BalancedDPO(Plugin):
             "prev_logp": nan2.clone(),  # the previous step's
             "factor": torch.tensor(_NAN, dtype=torch.float64),  # prob rule: mean factor on the rescaled side
         }
+
+    def check_state(self, state: State) -> None:
+        """The structure of :meth:`init`, and the norm rule's state as :class:`TaskNorm` checks it."""
+        super().check_state(state)
+        try:
+            self._norm.check_state(state["task_norm"])
+        except InvalidStateError as exc:
+            raise InvalidStateError(f"task_norm.{exc.path}", exc.problem) from None
 
     # -- norm rule: the grouped-gradient path ------------------------------------------------
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:

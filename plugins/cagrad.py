@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from balancer import GroupStats, Plugin, PluginOptions, State
 
 from ._gram import weighted_gram
+from ._options import refuse_ignored
 from ._qp import solve_nonneg_qp, trace_normalised
 
 __all__ = ["CAGrad", "CAGradOptions"]
@@ -29,6 +30,17 @@ class CAGradOptions(PluginOptions):
     rescale: Literal[0, 1, 2] = Field(
         1, description="Divide the direction by 1 (0), 1 + c² (1, the authors' default) or 1 + c (2)."
     )
+
+    @model_validator(mode="after")
+    def _nothing_ignored(self) -> CAGradOptions:
+        if self.c == 0.0:
+            refuse_ignored(
+                self,
+                ["rescale"],
+                "with c=0 (1, 1 + c² and 1 + c are all 1: the update is the mean gradient)",
+                "Set c > 0, or remove rescale.",
+            )
+        return self
 
 
 def _support_solution(gram: Tensor, b: Tensor, rho: Tensor, support: Tensor) -> tuple[Tensor, Tensor]:

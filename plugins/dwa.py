@@ -8,7 +8,7 @@ from torch import Tensor
 
 from balancer import GroupStats, Plugin, PluginOptions, State
 
-from ._named import NamedIndex
+from ._named import NamedIndex, check_named_state
 
 __all__ = ["DWA", "DWAOptions"]
 
@@ -44,7 +44,8 @@ class DWA(Plugin):
 
     Missing history: until every group of the step has two recorded losses with a finite ratio
     (the first two steps, a new group, a loss of zero, or ``nan`` losses of groups that ran outside
-    ``opt.backward``), the factors are all 1, the paper's own rule for its first epochs. State:
+    ``opt.backward``; the Balancer warns once, ``needs_losses``), the factors are all 1, the paper's
+    own rule for its first epochs; a loss not known yet is NaN in the state. State:
     the last two (smoothed) losses of every group seen, keyed by ``names``; a group absent from a
     step keeps them. With incoming weights ``w`` the plugin returns ``w * a``.
 
@@ -58,10 +59,17 @@ class DWA(Plugin):
     version = "1"
     Options = DWAOptions
     options: DWAOptions
+    needs_losses = True
+    nonfinite_state = {"last": "nan", "before": "nan"}  # NaN: fewer than two losses recorded for that group
 
     def init(self) -> State:
         empty = torch.zeros(0, dtype=torch.float64)
         return {"names": [], "last": empty, "before": empty.clone()}
+
+    def check_state(self, state: State) -> None:
+        """One entry of ``last`` and ``before`` per stored name."""
+        super().check_state(state)
+        check_named_state(state, vectors=("last", "before"))
 
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
         opts = self.options

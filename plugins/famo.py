@@ -10,7 +10,7 @@ from torch import Tensor
 
 from balancer import GroupStats, Plugin, PluginOptions, State
 
-from ._named import NamedIndex
+from ._named import NamedIndex, check_named_state, check_nonnegative
 
 __all__ = ["FAMO", "FAMOOptions"]
 
@@ -58,7 +58,8 @@ class FAMO(Plugin):
     Missing losses: a group whose loss this step is unknown (``nan``: it ran outside
     ``opt.backward``), non-finite or not above ``min_loss`` contributes ``δ_i = 0`` and keeps its
     previous loss for the next ``δ``; if any group of the step lacks a loss, the step's factors are
-    ``a = z`` (FAMO with all losses equal: the same scale, no NaN). State: ``ξ``, the last log
+    ``a = z`` (FAMO with all losses equal: the same scale, no NaN), and the Balancer warns once
+    (``needs_losses``). The unknown log losses are kept as NaN in the state. State: ``ξ``, the last log
     loss and the Adam moments of every group seen so far, keyed by ``names``; a group absent from
     a step keeps its entries, a new group starts at ``ξ_i = 0``. With incoming weights ``w`` the
     plugin returns ``w * a``.
@@ -73,6 +74,8 @@ class FAMO(Plugin):
     version = "1"
     Options = FAMOOptions
     options: FAMOOptions
+    needs_losses = True
+    nonfinite_state = {"log_loss": "nan"}  # NaN: no loss recorded yet for that group
 
     def init(self) -> State:
         empty = torch.zeros(0, dtype=torch.float64)
@@ -84,6 +87,13 @@ class FAMO(Plugin):
             "exp_avg_sq": empty.clone(),
             "steps": empty.clone(),
         }
+
+    def check_state(self, state: State) -> None:
+        """One entry per stored name; Adam's second moments and step counts are not negative."""
+        super().check_state(state)
+        check_named_state(state, vectors=("logits", "log_loss", "exp_avg", "exp_avg_sq", "steps"))
+        check_nonnegative(state["exp_avg_sq"], "exp_avg_sq")
+        check_nonnegative(state["steps"], "steps")
 
     def _min_losses(self, names: tuple[str, ...], device: torch.device) -> Tensor | float:
         bound = self.options.min_loss

@@ -7,9 +7,10 @@ from pydantic import Field
 from torch import Tensor
 
 from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer.plugin import InvalidStateError
 
 from ._gram import weighted_gram
-from ._named import NamedIndex
+from ._named import NamedIndex, check_named_state
 from ._pairwise import to_gradient_weights, unit_cosines
 from ._seeded import random_orders
 
@@ -95,6 +96,16 @@ class GradVac(Plugin):
 
     def init(self) -> State:
         return {"names": [], "targets": torch.zeros(0, 0, dtype=torch.float64)}
+
+    def check_state(self, state: State) -> None:
+        """An ``m×m`` matrix of cosine targets in [-1, 1] over the ``m`` stored names."""
+        super().check_state(state)
+        check_named_state(state, matrices=("targets",))
+        outside = state["targets"].abs() > 1.0
+        if bool(outside.any()):
+            i, j = (int(x) for x in outside.nonzero()[0])
+            found = state["targets"][i, j].item()
+            raise InvalidStateError(f"targets[{i}, {j}]", f"found {found}; a cosine target lies in [-1, 1]")
 
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
         opts = self.options

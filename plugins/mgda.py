@@ -40,7 +40,8 @@ class MGDA(Plugin):
 
     ``n_i`` is 1, ``‖g_i‖``, the loss ``L_i`` or ``L_i ‖g_i‖`` (option ``normalization``); a
     factor that is zero or not finite (a zero gradient, a loss not passed to ``opt.backward``)
-    counts as 1. ``α`` is exact (an interior-point solve polished on its support, see
+    counts as 1 (with ``'loss'``/``'loss+'`` the Balancer warns once when a loss was not recorded:
+    ``needs_losses``). ``α`` is exact (an interior-point solve polished on its support, see
     ``plugins/_qp.py``); when 0 is in the hull (opposite gradients, or a zero gradient, which
     then takes all the weight) the direction is 0 to rounding. With incoming weights ``w`` the
     hull of the ``w_i g_i`` is used and ``w * a`` is returned.
@@ -54,6 +55,11 @@ class MGDA(Plugin):
     version = "1"
     Options = MGDAOptions
     options: MGDAOptions
+
+    @property
+    def needs_losses(self) -> bool:  # type: ignore[override]  # a property: the need depends on the options
+        """Only the normalisations by the loss ('loss', 'loss+') read ``stats.losses``."""
+        return self.options.normalization in ("loss", "loss+")
 
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
         gram = weighted_gram(stats.gram, weights)

@@ -9,6 +9,7 @@ from torch import Tensor
 from balancer import GroupStats, Plugin, PluginOptions, State
 
 from ._gram import weighted_gram
+from ._named import check_nonnegative, check_scalars_by_name
 from ._qp import any_on_cpu
 
 __all__ = ["NashMTL", "NashMTLOptions"]
@@ -93,6 +94,12 @@ class NashMTL(Plugin):
 
     def init(self) -> State:
         return {"alpha": {}, "updates": 0}
+
+    def check_state(self, state: State) -> None:
+        """The last weights: a 0-d tensor per group name, finite and not negative; a count not negative."""
+        super().check_state(state)
+        check_scalars_by_name(state["alpha"], "alpha")
+        check_nonnegative(state["updates"], "updates")
 
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
         opts = self.options

@@ -20,11 +20,15 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from balancer import Balancer, Plugin, PluginOptions, State
+from balancer.plugin import InvalidStateError
 from balancer.taps import TapEvent
+
+from ._named import check_nonnegative
+from ._options import refuse_ignored
 
 __all__ = ["ReplayBias", "ReplayBiasOptions", "class_bias"]
 
@@ -50,6 +54,29 @@ class ReplayBiasOptions(PluginOptions):
     task_start: Literal["new_class", "manual"] = Field(
         "new_class", description="A never-seen label starts a task, or only ReplayBias.start_task(opt) does."
     )
+
+    @model_validator(mode="after")
+    def _nothing_ignored(self) -> ReplayBiasOptions:
+        if self.count_groups == ():
+            raise ValueError(
+                "count_groups=() counts no row: ANT is never measured and every weight stays 1, so groups, scale "
+                "and centre would be ignored. Use None (every tapped row, as GSA) or name the groups to count."
+            )
+        if self.warmup == 0:
+            refuse_ignored(
+                self,
+                ["task_start"],
+                "with warmup=0 (a task start only begins a warm-up)",
+                "Set warmup > 0, or remove task_start.",
+            )
+        if self.groups == ():
+            refuse_ignored(
+                self,
+                ["include_current"],
+                "with groups=() (no row is reweighted; the metrics use the stored sums)",
+                "Name the groups to reweight, or remove include_current.",
+            )
+        return self
 
 
 def class_bias(
@@ -134,6 +161,18 @@ class ReplayBias(Plugin):
     def init(self) -> State:
         empty = torch.zeros(0, dtype=torch.float64)
         return {**{k: empty for k in _SUMS}, "seen": empty, "task_steps": torch.zeros((), dtype=torch.long)}
+
+    def check_state(self, state: State) -> None:
+        """Per-class sums of one length, not negative; ``seen`` flags 0 or 1; a step count not negative."""
+        super().check_state(state)
+        length = state["count"].shape[0]
+        for key in (*_SUMS, "seen"):
+            if state[key].shape[0] != length:
+                raise InvalidStateError(key, f"found {state[key].shape[0]} classes; `count` has {length}")
+            check_nonnegative(state[key], key)
+        if bool((state["seen"] > 1).any()):
+            raise InvalidStateError("seen", f"found {state['seen'].tolist()}; expected flags 0 or 1 per class")
+        check_nonnegative(state["task_steps"], "task_steps")
 
     def init_tap_stats(self) -> State:
         return {k: torch.zeros(0, dtype=torch.float64) for k in _SUMS}

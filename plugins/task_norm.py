@@ -11,10 +11,13 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from balancer import GroupStats, Plugin, PluginOptions, State
+
+from ._named import check_nonnegative, check_scalars_by_name
+from ._options import refuse_ignored
 
 __all__ = ["TaskNorm", "TaskNormOptions"]
 
@@ -25,13 +28,32 @@ class TaskNormOptions(PluginOptions):
     target: Literal["mean", "max", "min", "ema"] = Field(
         "mean", description="Norm every group is brought to: mean/max/min over groups, or an EMA of the mean."
     )
-    alpha: float = Field(1.0, ge=0.0, le=1.0, description="1 = full equalization, 0 = no change.")
+    alpha: float = Field(
+        1.0, ge=0.0, le=1.0, description="1 = full equalization, 0.5 = half-way; 0 (no change) is refused."
+    )
     beta: float = Field(0.0, ge=0.0, lt=1.0, description="EMA factor of per-group norms; 0 uses this step's norms.")
     target_beta: float = Field(0.9, ge=0.0, lt=1.0, description="EMA factor of the target when target='ema'.")
     eps: float = Field(1e-8, gt=0.0, lt=1.0, description="Norms below eps·target count as eps·target (caps weights).")
     max_weight: float | None = Field(
         None, gt=0.0, description="Upper bound on the factor task_norm applies to a group (None: only eps bounds it)."
     )
+
+    @model_validator(mode="after")
+    def _nothing_ignored(self) -> TaskNormOptions:
+        if self.alpha == 0.0:
+            raise ValueError(
+                "alpha=0 makes every factor (T/‖g_k‖)^0 = 1: task_norm would change no weight, and target, beta "
+                "and the other options would be ignored. Use alpha > 0 (1: equal norms, 0.5: half-way), or remove "
+                "the plugin for the unbalanced baseline (opt.last_stats.norms still shows the norms)."
+            )
+        if self.target != "ema":
+            refuse_ignored(
+                self,
+                ["target_beta"],
+                f"with target={self.target!r} (it is the EMA factor of target='ema')",
+                "Set target='ema', or remove target_beta.",
+            )
+        return self
 
 
 class TaskNorm(Plugin):
@@ -58,9 +80,18 @@ class TaskNorm(Plugin):
     version = "1"
     Options = TaskNormOptions
     options: TaskNormOptions
+    nonfinite_state = {"ema_target": "nan"}  # NaN: no target yet (the EMA starts at the next mean)
 
     def init(self) -> State:
         return {"ema_norms": {}, "ema_target": torch.tensor(float("nan"), dtype=torch.float64), "updates": 0}
+
+    def check_state(self, state: State) -> None:
+        """EMA norms: a 0-d tensor per group name, finite and not negative (a NaN norm would give
+        its group weight 0 at every later step); a target and an update count not negative."""
+        super().check_state(state)
+        check_scalars_by_name(state["ema_norms"], "ema_norms")
+        check_nonnegative(state["ema_target"], "ema_target")
+        check_nonnegative(state["updates"], "updates")
 
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
         opts = self.options

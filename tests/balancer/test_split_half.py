@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from balancer import Balancer, GroupStats
+from balancer import Balancer, GroupStats, StateDictError
 from balancer.split_half import SplitHalf, half_groups, pool_halves, split_half_sq_norms, task_layout
 from balancer.testing import check_plugin
 
@@ -95,3 +95,11 @@ def test_split_half_in_a_balancer_checkpoints_its_inner_state():
 
     saved = opt.state_dict()["balancer"]["states"]["split_half"]["task_norm"]
     assert sorted(saved["ema_norms"]) == ["a", "b"]
+
+    state = opt.state_dict()
+    state["balancer"]["states"]["split_half"]["task_norm"]["ema_norms"]["a"] = torch.tensor(float("nan"))
+    with pytest.raises(StateDictError, match=r"split_half\.task_norm\.ema_norms\.a: found nan"):
+        opt.load_state_dict(state)
+    state["balancer"]["states"]["split_half"] = {"upgrad": {}}
+    with pytest.raises(StateDictError, match=r"one entry per inner plugin \['task_norm'\]"):
+        opt.load_state_dict(state)

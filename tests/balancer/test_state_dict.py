@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+import io
+import re
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from balancer import Balancer, Plugin, StateDictError
 
@@ -22,7 +28,8 @@ TRAIN = textwrap.dedent(
 
     def batches(step):
         gen = torch.Generator().manual_seed(step)
-        return {f"g{i}": (torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen) * 10.0**i) for i in range(3)}
+        pair = lambda i: (torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen) * 10.0**i)
+        return {f"g{i}": pair(i) for i in range(3)}
 
     def train(m, opt, steps):
         for step in steps:
@@ -171,3 +178,205 @@ def test_the_first_steps_after_a_resume_sum_in_the_same_order_as_the_long_run():
     resumed.load_state_dict(saved)
     for got, want in zip(train(resumed_model, resumed, range(2, 4)), expected, strict=True):
         assert torch.equal(got, want)
+
+
+# -- the section is validated on save and on load ------------------------------------------------
+STATEFUL = [("task_norm", {"beta": 0.5, "target": "ema"}), "famo", "dwa", "gradvac", ("nash_mtl", {"max_norm": 0.0})]
+
+
+def _balancer(plugins=STATEFUL, steps=2):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=1e-2), plugins=plugins)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        batches = {
+            f"g{i}": (torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen) * 2.0**i) for i in range(3)
+        }
+        opt.backward({n: torch.nn.functional.mse_loss(model(x), y) for n, (x, y) in batches.items()})
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def _same(a, b):
+    """Equal values of equal types, NaN equal to NaN."""
+    if isinstance(a, torch.Tensor):
+        return type(a) is type(b) and a.dtype == b.dtype and torch.equal(a.nan_to_num(7.5), b.nan_to_num(7.5))
+    if isinstance(a, dict):
+        return type(b) is dict and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and (a == b or (a != a and b != b))
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("step", r"balancer\.step is missing"),
+        ("plugins", r"balancer\.plugins is missing"),
+        ("states", r"balancer\.states is missing"),
+        ("format", r"balancer\.format is `'missing'`"),
+    ],
+)
+def test_a_missing_key_names_the_field_not_a_key_error(key, message):
+    opt = _balancer(["task_norm"], steps=1)
+    sd = opt.state_dict()
+    del sd["balancer"][key]
+    with pytest.raises(StateDictError, match=message):
+        opt.load_state_dict(sd)
+    section = opt.balancer_state_dict()
+    del section["plugins"][0]["version"]
+    with pytest.raises(StateDictError, match=r"balancer\.plugins\[0\] is .*'name'.*a str 'name' and a str 'version'"):
+        opt.load_balancer_state_dict(section)
+
+
+def test_a_nan_ema_norm_is_refused_instead_of_zeroing_its_group_forever():
+    """task_norm (beta > 0) and balanced_dpo's norm rule: an EMA norm of NaN gave its group weight 0 at
+    every later step. famo's NaN logits gave NaN weights (every step refused), gradvac's NaN target
+    stopped the pair's edits for good."""
+    opt = _balancer()
+    before = opt.balancer_state_dict()
+    for plugin, path, value in [
+        ("task_norm", ("ema_norms", "g1"), float("nan")),
+        ("famo", ("logits",), float("inf")),
+        ("gradvac", ("targets",), float("nan")),
+        ("nash_mtl", ("alpha", "g0"), -1.0),
+    ]:
+        section = copy.deepcopy(before)
+        leaf = section["states"][plugin]
+        for key in path[:-1]:
+            leaf = leaf[key]
+        leaf[path[-1]] = leaf[path[-1]].clone().fill_(value)
+        field = re.escape(f"balancer.states.{plugin}.{'.'.join(path)}")
+        with pytest.raises(StateDictError, match=f"{field}.*found {value}.*load an earlier one"):
+            opt.load_balancer_state_dict(section)
+    assert _same(opt.balancer_state_dict(), before)  # nothing was restored
+
+
+def test_unknown_markers_are_legitimate_nan_and_load():
+    """task_norm's target before its first EMA, dwa's history before two losses, famo's log loss of a
+    group whose loss was never above min_loss: NaN by design."""
+    opt = _balancer([("task_norm", {}), "dwa", ("famo", {"min_loss": {"g2": 1e9}})], steps=1)
+    section = opt.balancer_state_dict()
+    states = section["states"]
+    assert states["task_norm"]["ema_target"].isnan() and states["dwa"]["before"].isnan().all()
+    assert states["famo"]["log_loss"][2].isnan()
+    fresh = _balancer([("task_norm", {}), "dwa", ("famo", {"min_loss": {"g2": 1e9}})], steps=0)
+    fresh.load_balancer_state_dict(copy.deepcopy(section))
+    assert _same(fresh.balancer_state_dict(), section)
+
+
+@pytest.mark.parametrize("rows", [2**31, -1, 3.0, "3", True])
+def test_rows_out_of_bounds_is_refused_before_anything_is_reserved(rows):
+    """2**31 rows of this model's 163 float32 parameters would be a 1.4 TB reservation at the next capture."""
+    opt = _balancer(["task_norm"], steps=1)
+    sd = opt.state_dict()
+    sd["balancer"]["rows"] = rows
+    with pytest.raises(StateDictError, match=rf"balancer\.rows is `{re.escape(repr(rows))}`.*from 0 to 4096.*delete"):
+        opt.load_state_dict(sd)
+    del sd["balancer"]["rows"]  # the documented fix: rows is an optional hint
+    opt.load_state_dict(sd)
+
+
+class _Opaque:
+    pass
+
+
+class _KeepsAnObject(Plugin):
+    name = "keeps_object"
+
+    def init(self):
+        return {"last": None}
+
+    def update(self, stats, weights, state):
+        return weights, {"last": _Opaque()}
+
+
+def test_a_state_holding_an_object_is_refused_on_save_and_on_load():
+    """It used to be saved, and then broke torch.load(weights_only=True) of the whole checkpoint."""
+    opt = _balancer([_KeepsAnObject()], steps=1)
+    with pytest.raises(StateDictError, match=r"balancer\.states\.keeps_object\.last: found `<.*_Opaque.*weights_only"):
+        opt.state_dict()
+    section = _balancer([_KeepsAnObject()], steps=0).balancer_state_dict()
+    section["states"]["keeps_object"]["last"] = {1, 2}  # e.g. from a torch.load(weights_only=False)
+    with pytest.raises(StateDictError, match=r"balancer\.states\.keeps_object\.last: found `\{1, 2\}` \(set\)"):
+        opt.load_balancer_state_dict(section)
+
+
+def _nodes(value, path=()):
+    yield path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _nodes(item, (*path, key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _nodes(item, (*path, i))
+
+
+_SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=3), st.just(_Opaque())
+)
+_TENSORS = st.builds(
+    lambda dtype, shape, fill: torch.full(shape, fill, dtype=torch.float64).to(dtype),
+    st.sampled_from([torch.float64, torch.float32, torch.int64, torch.bool]),
+    st.sampled_from([(), (0,), (3,), (1, 3), (3, 3)]),
+    st.sampled_from([0.0, 0.5, -1.0, 2.0, 1e300, float("nan"), float("inf")]),
+)
+_VALUES = st.recursive(
+    _SCALARS | _TENSORS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    max_leaves=5,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_any_corruption_loads_faithfully_or_raises_state_dict_error(data):
+    valid = _saved_section()
+    section = copy.deepcopy(valid)
+    for _ in range(data.draw(st.integers(1, 2))):
+        paths = list(_nodes(section))[1:]
+        tensors = [q for q in paths if isinstance(functools.reduce(lambda n, k: n[k], q, section), torch.Tensor)]
+        path = data.draw(st.sampled_from(tensors if tensors and data.draw(st.booleans()) else paths))
+        *parents, last = path
+        parent = functools.reduce(lambda node, key: node[key], parents, section)
+        action = data.draw(st.sampled_from(["replace", "delete", "add", "element", "scale"]))
+        target = parent[last]
+        if action == "element" and isinstance(target, torch.Tensor) and target.numel():
+            target = target.clone()
+            target.view(-1)[data.draw(st.integers(0, target.numel() - 1))] = data.draw(
+                st.sampled_from([-1.0, 1e300, float("nan"), float("-inf"), 2.0])
+            )
+            parent[last] = target if isinstance(parent, dict | list) else parent[last]
+        elif action == "scale" and isinstance(target, torch.Tensor) and isinstance(parent, dict | list):
+            parent[last] = target * data.draw(st.sampled_from([0.5, 2.0, -1.0, 1e-300]))
+        elif action == "delete" and isinstance(parent, dict | list):
+            del parent[last]
+        elif action == "add" and isinstance(target, dict):
+            target[data.draw(st.text(max_size=3) | st.integers(0, 3))] = data.draw(_VALUES)
+        elif isinstance(parent, dict | list):
+            parent[last] = data.draw(_VALUES)
+    opt = _balancer(steps=0)
+    try:
+        opt.load_balancer_state_dict(copy.deepcopy(section))
+    except StateDictError as exc:
+        event(f"refused: {str(exc).split(' is ')[0].split(':')[0][:60]}")
+        return
+    event("loaded")
+    loaded = opt.balancer_state_dict()
+    assert _same(loaded["states"], section["states"]) and loaded["step"] == section["step"]
+    assert loaded["rows"] == section.get("rows", 0)
+    buffer = io.BytesIO()
+    torch.save(loaded, buffer)  # whatever loads can be saved and read back with weights_only=True
+    buffer.seek(0)
+    torch.load(buffer, weights_only=True)
+
+
+@functools.cache
+def _saved_section_once():
+    return _balancer(steps=3).balancer_state_dict()
+
+
+def _saved_section():
+    return copy.deepcopy(_saved_section_once())

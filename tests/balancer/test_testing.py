@@ -56,7 +56,7 @@ class _UnsafeState(_Base):
 
 class _GrowingState(_Base):
     def init(self):
-        return {"history": torch.zeros(0)}
+        return {"history": torch.zeros(0, dtype=torch.float64)}
 
     def update(self, stats, weights, state):
         return weights, {"history": torch.cat([state["history"], stats.norms[:1]])}
@@ -161,3 +161,65 @@ class _ByCombinedNorm(_Base):
 def test_check_plugin_tries_degenerate_gradient_sets():
     with pytest.raises(AssertionError, match="non-finite weights"):
         check_plugin(_ByCombinedNorm(), num_groups=2)
+
+
+class _MutatesNested(_Base):
+    """Returns a fresh state, but first inserts into the dict nested in the one it was given."""
+
+    def init(self):
+        return {"ema": {}}
+
+    def update(self, stats, weights, state):
+        state["ema"]["group0"] = stats.norms[0]
+        return weights, {"ema": dict(state["ema"])}
+
+
+class _UnknownMarker(_Base):
+    """Keeps the last norm of group 0 above 0.5, NaN (unknown) until there is one, and declares it."""
+
+    nonfinite_state = {"last": "nan"}
+
+    def init(self):
+        return {"last": torch.tensor(float("nan"), dtype=torch.float64)}
+
+    def update(self, stats, weights, state):
+        return weights, {"last": torch.where(stats.norms[0] > 0.5, stats.norms[0], torch.nan)}
+
+
+class _Undeclared(_UnknownMarker):
+    nonfinite_state = {}
+
+
+class _ChangesDtype(_Base):
+    def init(self):
+        return {"ema": torch.zeros(())}
+
+    def update(self, stats, weights, state):
+        return weights, {"ema": stats.norms.sum()}  # float64, init() gave float32
+
+
+class _TinyFirstGroupSpecial(_Base):
+    """Weights of 1e-20 (a plugin that returns them in its own units), and not permutation equivariant."""
+
+    def update(self, stats, weights, state):
+        return torch.cat([weights[:1] * 3e-20, weights[1:] * 1e-20]), state
+
+
+def test_check_plugin_still_catches_state_modified_in_place_behind_a_fresh_state():
+    with pytest.raises(AssertionError, match="modified the state passed to update"):
+        check_plugin(_MutatesNested())
+
+
+def test_check_plugin_runs_the_plugins_own_state_check():
+    """What check_plugin accepts, a checkpoint load accepts: NaN only where the plugin declares it."""
+    check_plugin(_UnknownMarker())
+    with pytest.raises(AssertionError, match=r"refuses the state its init\(\) returned: last: found nan"):
+        check_plugin(_Undeclared())
+    with pytest.raises(AssertionError, match=r"refuses the state its update\(\) returned: ema: found a torch.float64"):
+        check_plugin(_ChangesDtype())
+
+
+def test_permutation_tolerance_follows_the_scale_of_the_weights():
+    """An absolute 1e-12 would let weights of 1e-20 differ by any factor."""
+    with pytest.raises(AssertionError, match="not permutation equivariant"):
+        check_plugin(_TinyFirstGroupSpecial())

@@ -60,7 +60,8 @@ def test_matches_a_hand_computation_over_steps(options, optimizer):
     for t, losses in enumerate(sequence):
         w, state = plugin.update(_stats(losses, step=t), torch.ones(3, dtype=F64), state)
         torch.testing.assert_close(w, hand.weights(losses), rtol=1e-10, atol=0)
-    torch.testing.assert_close(state["logits"], hand.xi.detach(), rtol=1e-10, atol=1e-14)
+    xi = hand.xi.detach()  # a logit may sit near 0: the floor is relative to the largest
+    torch.testing.assert_close(state["logits"], xi, rtol=1e-10, atol=1e-10 * xi.abs().max().item())
 
 
 @pytest.mark.parametrize("k", [2, 4])
@@ -158,7 +159,13 @@ def test_real_model_weights_follow_the_recorded_losses(group_gradients):
         opt.zero_grad()
         torch.testing.assert_close(opt.last_stats.weights, expected, rtol=1e-10, atol=0)
         after = torch.cat([p.detach().reshape(-1) for p in params])
-        torch.testing.assert_close(before - after, 0.05 * expected @ grads, rtol=1e-10, atol=1e-15)
+        # θ - lr·d is rounded at eps·|θ| and a coordinate of d may cancel: the floor follows both scales.
+        torch.testing.assert_close(
+            before - after,
+            0.05 * expected @ grads,
+            rtol=1e-10,
+            atol=1e-14 * (before.abs().max() + 0.05 * grads.norm(dim=1).max()).item(),
+        )
 
 
 def test_state_round_trip_through_state_dict():
@@ -180,7 +187,7 @@ def test_state_round_trip_through_state_dict():
     (w_a, s_a), (w_b, s_b) = run(None), run(3)
     torch.testing.assert_close(w_b, w_a, rtol=1e-12, atol=0)
     for key in ("logits", "log_loss", "exp_avg", "exp_avg_sq", "steps"):
-        torch.testing.assert_close(s_b[key], s_a[key], rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(s_b[key], s_a[key], rtol=1e-12, atol=1e-12 * s_a[key].abs().max().item())
 
 
 @pytest.mark.parametrize("options", [{}, {"optimizer": "sgd"}, {"min_loss": 0.05}, {"min_loss": {"group1": 0.05}}])

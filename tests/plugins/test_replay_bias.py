@@ -334,3 +334,17 @@ def test_a_row_without_finite_softmax_does_not_poison_the_sums():
     assert all(torch.isfinite(state[k]).all() for k in ("count", "pos", "neg"))
     assert state["count"].tolist() == [1.0, 1.0]
     assert torch.isfinite(z.grad).all()
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"count_groups": []}, r"count_groups=\(\) counts no row.*Use None"),
+        ({"warmup": 0, "task_start": "manual"}, r"task_start='manual' would be ignored with warmup=0.*warmup > 0"),
+        ({"groups": [], "include_current": False}, r"include_current=False would be ignored with groups=\(\)"),
+    ],
+)
+def test_ignored_options_are_refused(options, message):
+    with pytest.raises(ConfigError, match=rf"plugins\.0\.options.*{message}"):
+        _leaf_opt([("replay_bias", options)])
+    ReplayBias(groups=())  # measuring ANT without reweighting (the w ≡ 1 ablation) is a use, documented

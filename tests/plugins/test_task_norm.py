@@ -52,8 +52,8 @@ def test_targets(target, expected_target):
 def test_partial_equalization_alpha():
     w, _ = _weights(TaskNorm(alpha=0.5), [1.0, 4.0])
     torch.testing.assert_close(w, torch.tensor([2.5**0.5, (2.5 / 4.0) ** 0.5], dtype=torch.float64))
-    w0, _ = _weights(TaskNorm(alpha=0.0), [1.0, 4.0])
-    assert w0.tolist() == [1.0, 1.0]
+    w_small, _ = _weights(TaskNorm(alpha=1e-6), [1.0, 4.0])  # alpha → 0: no change (alpha = 0 itself is refused)
+    torch.testing.assert_close(w_small, torch.tensor([2.5**1e-6, (2.5 / 4.0) ** 1e-6], dtype=torch.float64))
 
 
 def test_incoming_weights_are_part_of_the_contribution():
@@ -132,7 +132,7 @@ def test_bad_options_are_refused(options, model):
 @settings(max_examples=50, deadline=None)
 @given(
     log_norms=st.lists(st.floats(-12, 12), min_size=1, max_size=8),
-    alpha=st.floats(0.0, 1.0),
+    alpha=st.floats(0.0, 1.0, exclude_min=True),
 )
 def test_contribution_norms_follow_the_formula(log_norms, alpha):
     norms = torch.tensor([10.0**v for v in log_norms], dtype=torch.float64)
@@ -146,3 +146,23 @@ def test_random_stats_weights_equalize():
     w, _ = TaskNorm().update(stats, torch.ones(4, dtype=torch.float64), TaskNorm().init())
     contributions = w * stats.norms
     torch.testing.assert_close(contributions, stats.norms.mean().expand(4))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"target_beta": 0.5}, r"target_beta=0\.5 would be ignored with target='mean'.*Set target='ema'"),
+        ({"target": "max", "target_beta": 0.99}, r"target_beta=0\.99 would be ignored with target='max'"),
+        ({"alpha": 0.0}, r"alpha=0 makes every factor .* = 1: task_norm would change no weight.*alpha > 0"),
+    ],
+)
+def test_ignored_or_no_op_options_are_refused(options, message, model):
+    with pytest.raises(ConfigError, match=rf"plugins\.0\.options.*{message}"):
+        Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=[("task_norm", options)])
+
+
+def test_options_that_take_effect_are_accepted_and_a_full_dump_validates_again():
+    TaskNorm(target="ema", target_beta=0.5)
+    for options in ({}, {"target": "ema", "target_beta": 0.5}, {"target": "max", "max_weight": 4.0}):
+        dumped = TaskNorm(options).options.model_dump()  # every field, as a BalancerConfig round trip writes them
+        assert TaskNorm(dumped).options == TaskNorm(options).options
