@@ -22,7 +22,7 @@ from ._clip import ClipRequest, clip_coefficient, gram_norm, has_update_norm
 from ._weighting import Verdict, read_verdict, run_plugins
 from .backend import Backend
 from .errors import BalancerWarning, CaptureError, NonFiniteGradientError, NonFiniteGradientWarning
-from .plugin import Plugin, State
+from .plugin import State
 from .stats import GroupStats
 
 if TYPE_CHECKING:
@@ -219,10 +219,6 @@ def _report_nonfinite(opt: Balancer, bad_names: list[str]) -> None:
     )
 
 
-def _acts_on_groups(plugin: Plugin) -> bool:
-    return type(plugin).update is not Plugin.update
-
-
 def _warn_once(opt: Balancer, key: str, message: str) -> None:
     if key not in opt._warned:
         opt._warned.add(key)
@@ -230,8 +226,19 @@ def _warn_once(opt: Balancer, key: str, message: str) -> None:
 
 
 def _warn_silent_plugins(opt: Balancer, groups: int) -> None:
-    """A step with plugins that weigh groups but no group captured balanced nothing: say so, once."""
-    acting = [p.name for p in opt.plugins if _acts_on_groups(p)]
+    """A step with plugins that weigh groups but no group captured, or with plugins that act at
+    taps but no tapped gradient, balanced nothing: say so, once each."""
+    tapping = [p.name for p in opt.plugins if p.needs_taps]
+    if tapping and not opt._taps.seen:
+        _warn_once(
+            opt,
+            "no-taps",
+            f"step() ran with plugins {tapping}, which act at taps, but no tapped gradient reached them in "
+            "this step, so they did nothing. Fix: pass the tensor they act on through opt.tap(tensor, group=...) "
+            "in the forward pass (the logits for replay_bias; balancer.dpo.tap_pairs for balanced_dpo's prob "
+            "rule), and make sure the loss's backward pass goes through it. (Shown once per Balancer.)",
+        )
+    acting = [p.name for p in opt.plugins if p.acts_on_groups]
     if groups or not acting:
         return
     _warn_once(

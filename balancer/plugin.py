@@ -263,11 +263,23 @@ class Plugin(abc.ABC):
         """
         return weights, state
 
+    @property
+    def acts_on_groups(self) -> bool:
+        """Whether :meth:`update` weighs the groups with these options (a step that captured no
+        group then balanced nothing, and the Balancer warns). Default: ``update`` is implemented."""
+        return type(self).update is not Plugin.update
+
     # -- taps (optional) ---------------------------------------------------------------------
     @property
     def uses_taps(self) -> bool:
         """Whether this plugin implements :meth:`tap` (only such plugins see tapped gradients)."""
         return type(self).tap is not Plugin.tap
+
+    @property
+    def needs_taps(self) -> bool:
+        """Whether this plugin does nothing without ``opt.tap`` (the Balancer warns when a step saw no
+        tapped gradient). Default: :attr:`uses_taps`; a plugin that only logs at taps says False."""
+        return self.uses_taps
 
     def init_tap_stats(self) -> State:
         """The empty per-step accumulator of tap statistics.

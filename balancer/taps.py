@@ -131,6 +131,7 @@ class TapHub:
             return tensor
 
         def on_grad(grad: Tensor, value: Tensor) -> Tensor:
+            self.seen += 1
             current = states()
             for plugin in self._plugins:
                 event = TapEvent(grad=grad, value=value, names=names, group_index=index, labels=labels)
@@ -161,6 +162,7 @@ class TapHub:
     def discard(self) -> None:
         """Forgets this step's tap statistics (their gradients were discarded or skipped)."""
         self._stats = {p.name: p.init_tap_stats() for p in self._plugins}
+        self.seen = 0  # tapped gradients shown to the plugins in this step
 
     def merge(self, states: dict[str, State], backend: Backend) -> dict[str, State]:
         """Sums the step's statistics over ranks and folds them into new plugin states."""

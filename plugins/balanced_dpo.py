@@ -173,6 +173,14 @@ class BalancedDPO(Plugin):
         except InvalidStateError as exc:
             raise InvalidStateError(f"task_norm.{exc.path}", exc.problem) from None
 
+    @property
+    def acts_on_groups(self) -> bool:
+        return self.options.rule == "norm"
+
+    @property
+    def needs_taps(self) -> bool:  # the norm rule only logs log-probs at taps, if there are any
+        return self.options.rule == "prob"
+
     # -- norm rule: the grouped-gradient path ------------------------------------------------
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
         names = (self.options.chosen, self.options.rejected)

@@ -227,9 +227,11 @@ def test_plugins_that_balanced_nothing_warn_once(make_model, make_batches, group
 def test_no_warning_when_groups_are_captured_or_nothing_acts_on_groups(make_model, make_batches, group_loss):
     model = make_model()
     batches = make_batches()
-    for plugins in ([], ["replay_bias"]):  # no plugin; a tap-only plugin
+    for plugins in ([], [("balanced_dpo", {"rule": "prob"})]):  # no plugin; a plugin that acts at taps only
         opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=plugins)
-        group_loss(model, batches["g0"]).backward()
+        x, y = batches["g0"]
+        logp = opt.tap(model(x)[:, 0], group=["chosen", "rejected"] * 4, labels=torch.arange(8) // 2)
+        (logp.sum() + group_loss(model, batches["g1"])).backward()
         opt.step()
         opt.zero_grad()
     opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["task_norm"])
@@ -237,3 +239,37 @@ def test_no_warning_when_groups_are_captured_or_nothing_acts_on_groups(make_mode
         opt.backward({name: group_loss(model, batch) for name, batch in batches.items()})
         opt.step()
         opt.zero_grad()
+
+
+def test_tap_plugins_that_saw_no_tap_warn_once(make_model, make_batches, group_loss):
+    model = make_model()
+    batches = make_batches()
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["replay_bias"])
+    for _ in range(2):  # once per Balancer
+        with opt.group("current"):
+            group_loss(model, batches["g0"]).backward()
+        if _ == 0:
+            with pytest.warns(BalancerWarning, match=r"\['replay_bias'\], which act at taps.*opt.tap"):
+                opt.step()
+        else:
+            opt.step()
+        opt.zero_grad()
+
+
+def test_loss_based_plugins_without_recorded_losses_warn_once(make_model, make_batches, group_loss):
+    model = make_model()
+    batches = make_batches()
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["famo"])
+    for step in range(2):
+        for name, batch in batches.items():
+            with opt.group(name):  # the loss value never reaches the Balancer
+                group_loss(model, batch).backward()
+        if step == 0:
+            with pytest.warns(BalancerWarning, match=r"\['famo'\] weigh groups by their losses.*\['g0', 'g1', 'g2'\]"):
+                opt.step()
+        else:
+            opt.step()
+        opt.zero_grad()
+    quiet = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["famo"])
+    quiet.backward({name: group_loss(model, batch) for name, batch in batches.items()})
+    quiet.step()
