@@ -14,6 +14,7 @@ rows, never), a parameter whose ``requires_grad`` was turned on between two grou
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .backend import Backend, NaNFlag
-from .errors import CaptureError
+from .errors import BalancerWarning, CaptureError
 from .flat_buffer import FlatBuffer, TensorKind
 
 __all__ = ["FlatBuffer", "LocalBackend", "TensorKind"]
@@ -153,12 +154,31 @@ class LocalBackend(Backend):
         self._fresh = name not in self._names
         if self._fresh:
             self._names.append(name)
-            for buf in self._buffers:
-                buf.ensure_rows(max(len(self._names), self._reserved_rows))
+            self._ensure_rows()
         row = self._names.index(name)
         for buf in self._buffers:
             buf.begin_group(row, self._fresh)
         self._active = row
+
+    def _ensure_rows(self) -> None:
+        """Room for this step's rows; a reservation from a checkpoint that does not fit in memory is
+        dropped with a warning (it only makes the first resumed steps sum in the long run's order)."""
+        try:
+            for buf in self._buffers:
+                buf.ensure_rows(max(len(self._names), self._reserved_rows))
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if self._reserved_rows <= len(self._names):
+                raise
+            warnings.warn(
+                f"The checkpoint's hint to reserve {self._reserved_rows} group rows could not be honoured "
+                f"({type(exc).__name__}: {str(exc)[:120]}); rows are made as groups appear instead. Only the "
+                "last bits of the first resumed steps may differ from the uninterrupted run.",
+                BalancerWarning,
+                stacklevel=5,
+            )
+            self._reserved_rows = 0
+            for buf in self._buffers:
+                buf.ensure_rows(len(self._names))
 
     @torch.no_grad()
     def exit(self) -> None:

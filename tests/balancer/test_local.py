@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from balancer import Balancer, CaptureError, Plugin
+from balancer import Balancer, BalancerWarning, CaptureError, Plugin
 from balancer.flat_buffer import FlatBuffer
 
 
@@ -334,3 +334,14 @@ def test_many_groups_in_the_first_step_read_the_rows_once(make_model):
     after = torch.cat([p.detach().reshape(-1) for p in params])
     torch.testing.assert_close((before - after) / 0.1, a.sum(0), rtol=1e-12, atol=1e-12 * a.abs().sum())
     assert [b.shape[0] for b in opt.backend.buffers[0].blocks] == [257]
+
+
+def test_a_row_reservation_that_does_not_fit_is_dropped_with_a_warning(make_model, make_batches, group_loss):
+    model = make_model()
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1))
+    opt.backend.reserve_rows(2**40)  # what a corrupt checkpoint below the 4096 bound can still ask of a big model
+    with pytest.warns(BalancerWarning, match="could not be honoured"):
+        with opt.group("g0"):
+            group_loss(model, make_batches()["g0"]).backward()
+    opt.step()
+    assert opt.last_stats.names == ("g0",) and opt.backend.buffers[0].capacity == 1
