@@ -241,35 +241,41 @@ def test_no_warning_when_groups_are_captured_or_nothing_acts_on_groups(make_mode
         opt.zero_grad()
 
 
+def _warns_on_the_first_step_only(opt, capture, match):
+    """Two steps: the first warns (a ``BalancerWarning`` matching ``match``), the second does not."""
+    for step in range(2):
+        capture()
+        if step == 0:
+            with pytest.warns(BalancerWarning, match=match):
+                opt.step()
+        else:
+            opt.step()  # filterwarnings = error: a second warning would fail here
+        opt.zero_grad()
+
+
 def test_tap_plugins_that_saw_no_tap_warn_once(make_model, make_batches, group_loss):
     model = make_model()
     batches = make_batches()
     opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["replay_bias"])
-    for _ in range(2):  # once per Balancer
+
+    def capture():
         with opt.group("current"):
             group_loss(model, batches["g0"]).backward()
-        if _ == 0:
-            with pytest.warns(BalancerWarning, match=r"\['replay_bias'\], which act at taps.*opt.tap"):
-                opt.step()
-        else:
-            opt.step()
-        opt.zero_grad()
+
+    _warns_on_the_first_step_only(opt, capture, r"\['replay_bias'\], which act at taps.*opt.tap")
 
 
 def test_loss_based_plugins_without_recorded_losses_warn_once(make_model, make_batches, group_loss):
     model = make_model()
     batches = make_batches()
     opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["famo"])
-    for step in range(2):
+
+    def capture():
         for name, batch in batches.items():
             with opt.group(name):  # the loss value never reaches the Balancer
                 group_loss(model, batch).backward()
-        if step == 0:
-            with pytest.warns(BalancerWarning, match=r"\['famo'\] weigh groups by their losses.*\['g0', 'g1', 'g2'\]"):
-                opt.step()
-        else:
-            opt.step()
-        opt.zero_grad()
+
+    _warns_on_the_first_step_only(opt, capture, r"\['famo'\] weigh groups by their losses.*\['g0', 'g1', 'g2'\]")
     quiet = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["famo"])
     quiet.backward({name: group_loss(model, batch) for name, batch in batches.items()})
     quiet.step()
