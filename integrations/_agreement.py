@@ -1,9 +1,11 @@
 """Every data-parallel rank must capture the same groups in the same order.
 
-Each capture event (entering a group, stepping) is one small all-reduce of a fingerprint. If
-the ranks disagree, they all take the slow path together, gather a description of what each
-rank was doing, and all raise the same :class:`~balancer.errors.GroupMismatchError`, instead of
-one rank waiting forever in a collective the others never join.
+Each capture event (entering a group, stepping; under DDP also every backward pass, see
+:mod:`._ddp_passes`) is one small all-reduce of a fingerprint, the CRC-32 of the event's
+description. If the ranks disagree, they all take the slow path together, gather the
+descriptions, and all raise the same :class:`~balancer.errors.GroupMismatchError` (one line per
+distinct event, with the ranks that reached it), instead of one rank waiting forever in a
+collective the others never join.
 """
 
 from __future__ import annotations
@@ -43,11 +45,32 @@ class RankAgreement:
             return
         events: list[str | None] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(events, event, group=self.group)
-        lines = "; ".join(f"rank {rank}: {what}" for rank, what in enumerate(events))
         raise GroupMismatchError(
-            f"Data-parallel ranks disagree on the groups of this step ({lines}). Every rank must enter the "
-            "same groups, in the same order, with the same number of backward passes, and then call step()."
+            f"Data-parallel ranks disagree on the groups of this step:\n{describe_ranks(events)}\nEvery rank must "
+            "enter the same groups in the same order, run the same forward and backward passes in each (under "
+            "no_sync() on every rank or on none), and then call step(). A rank that leaves a group block early "
+            "(an exception caught inside the training loop) must not go on alone: re-raise the exception, or "
+            "have every rank skip the same micro-batch."
         )
+
+
+def describe_ranks(events: list[str | None]) -> str:
+    """One line per distinct event with the ranks that reached it: ``"  ranks 0-2, 5: enter group 'a'"``."""
+    ranks: dict[str | None, list[int]] = {}
+    for rank, event in enumerate(events):
+        ranks.setdefault(event, []).append(rank)
+    return "\n".join(f"  {_ranks(members)}: {event}" for event, members in ranks.items())
+
+
+def _ranks(members: list[int]) -> str:
+    spans: list[list[int]] = []
+    for rank in members:
+        if spans and spans[-1][1] == rank - 1:
+            spans[-1][1] = rank
+        else:
+            spans.append([rank, rank])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"rank {text}" if len(members) == 1 else f"ranks {text}"
 
 
 class RankReductions:

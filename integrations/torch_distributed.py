@@ -17,6 +17,10 @@ row holds and how the Gram matrix becomes global:
 
 Every capture event (entering a group, stepping) is checked across ranks first, so ranks that
 disagree on the groups all raise :class:`~balancer.errors.GroupMismatchError` instead of hanging.
+Under DDP every backward pass, and every forward in which DDP communicates, is a checked event
+too (:mod:`._ddp_passes`): DDP's own collectives in those passes would otherwise meet another
+rank's check when the ranks differ in the passes of a group. FSDP2 checks only entering and
+stepping: its forwards and backward passes all-gather parameters (see :class:`ShardedBackend`).
 Not supported yet, refused with a clear error: 2-D meshes (HSDP, tensor parallel), and
 parameters that are ``DTensor`` with a ``Replicate`` placement.
 """
@@ -24,6 +28,7 @@ parameters that are ``DTensor`` with a ``Replicate`` placement.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +40,7 @@ from balancer.flat_buffer import FlatBuffer, TensorKind
 from balancer.local import LocalBackend
 
 from ._agreement import RankAgreement, RankReductions
+from ._ddp_passes import PassChecks
 
 __all__ = ["ReplicatedBackend", "ShardedBackend", "backend_for"]
 
@@ -67,16 +73,45 @@ class ReplicatedBackend(_DistributedMixin):
         super().__init__(optimizer)
         self._setup(group)
         self._verified = False
+        self._passes = PassChecks(self, self._agreement)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_passes"}  # hooks are not copied: remade
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._passes = PassChecks(self, self._agreement)
+
+    def _agree(self, event: str) -> None:
+        self._agreement.check(f"{event} ({self._passes.tally()})")
+
+    @torch.no_grad()
+    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0) -> None:
+        if not self._names:  # a step with groups was checked by gram(); one without is checked here
+            self._agree("step() without groups")
+        super().combine(weights, scale=scale)
+
+    def end_step(self) -> None:
+        super().end_step()
+        self._passes.reset()
+        self._passes.stop_discovery()  # every DDP module of the model has run a forward by now
+        self._passes.hook(self._params())
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool) -> None:
+        super().zero_grad(set_to_none)
+        self._passes.reset()
 
     def _columns(self, buf: FlatBuffer) -> slice:
         chunk = math.ceil(buf.n / self._world)
         return slice(min(buf.n, self._rank * chunk), min(buf.n, (self._rank + 1) * chunk))
 
     @torch.no_grad()
-    def gram(self) -> Tensor:
-        gram = super().gram()
-        if not self._verified:
-            self._verify_replicated(gram)
+    def gram(self, *, ungrouped: bool = False) -> Tensor:
+        gram = super().gram(ungrouped=ungrouped)
+        m = len(self.names)
+        if not self._verified and m:
+            self._verify_replicated(gram[:m, :m])
             self._verified = True
         return gram
 
@@ -90,7 +125,9 @@ class ReplicatedBackend(_DistributedMixin):
             raise CaptureError(
                 "Group gradients differ across data-parallel ranks, so they were not averaged: wrap the model in "
                 "DistributedDataParallel, and let the last backward of every group synchronize (use no_sync() "
-                "only on the earlier backward passes of a group)."
+                "only on the earlier backward passes of a group). DDP averages only the first backward pass after "
+                "each forward: losses of several groups from one forward (opt.backward on a shared graph) need one "
+                "more synchronized forward and backward per group, or a forward per group."
             )
 
 
@@ -110,7 +147,13 @@ class DTensorKind(TensorKind):
 
 
 class ShardedBackend(_DistributedMixin):
-    """FSDP2: rows hold this rank's shard of every group gradient."""
+    """FSDP2: rows hold this rank's shard of every group gradient.
+
+    Only entering a group and stepping are checked across ranks, not the passes inside a group:
+    FSDP2 all-gathers parameters in every forward, and in every backward pass before any parameter
+    gradient exists, so ranks that differ in the forward or backward passes of a group (an extra
+    micro-batch, a group block left early) still block in those collectives (a hang on gloo too).
+    """
 
     kind = DTensorKind
 
