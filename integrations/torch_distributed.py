@@ -176,6 +176,13 @@ class ShardedBackend(_DistributedMixin):
             )
         self._setup(mesh.get_group())
 
+    def _reduce_norm(self, norm: Tensor, norm_type: float) -> Tensor:
+        """The norm of the whole update from each rank's norm of its shard (the L2 norm comes from
+        the Gram matrix instead): the max over ranks, or ``(Σ_ranks ‖shard‖_p^p)^(1/p)``."""
+        if math.isinf(norm_type):
+            return self.all_reduce(norm, "max")
+        return self.all_reduce(norm.pow(norm_type), "sum").pow(1.0 / norm_type)
+
 
 def backend_for(optimizer: torch.optim.Optimizer) -> LocalBackend:
     """DDP or FSDP2 backend for an optimizer of a model under ``torch.distributed``."""

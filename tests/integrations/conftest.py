@@ -19,6 +19,29 @@ from pathlib import Path
 import pytest
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux ``/proc``), children first."""
+    found, queue = [], [pid]
+    while queue:
+        parent = queue.pop()
+        for task in Path(f"/proc/{parent}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found.extend(children)
+            queue.extend(children)
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    for victim in [*_descendants(pid), pid]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 class Launch:
     def __init__(self, tmp_path: Path) -> None:
         self.tmp_path = tmp_path
@@ -40,7 +63,7 @@ class Launch:
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid)  # torchrun starts each worker in a session of its own: killpg misses them
             out, _ = proc.communicate()
             pytest.fail(f"multi-rank run timed out after {timeout}s (a hang?); output:\n{out[-4000:]}")
         result = subprocess.CompletedProcess(cmd, proc.returncode, out, None)
