@@ -72,6 +72,10 @@ _TO_BOUNDARY = 0.995  # fraction of the step to the boundary of the positive ort
 _POLISH_ROUNDS = 3  # exact solves on the interior point's support, then on active-set corrections of it
 _SOLVED = 1e-13  # relative KKT residual below which an enumerated candidate is taken as the optimum
 _TINY = torch.finfo(torch.float64).tiny  # the smallest normal float64
+_CPU_BATCHED_LU_MAX = 128
+"""Above this size a batched LU on the CPU with more than one thread hangs or fails inside MKL
+(pytorch/pytorch#142815, "Parameter 6 was incorrect on entry to DLASWP", from k ≈ 151 on):
+such systems are solved one matrix at a time (UPGrad and CAGrad at k = 256 hung for good)."""
 
 
 def trace_normalised(gram: Tensor) -> Tensor:
@@ -185,11 +189,21 @@ def _enumerate(gram: Tensor, linear: Tensor) -> tuple[Tensor, Tensor]:
     return x.clamp_min(0.0).reshape(linear.shape), unsolved.reshape(linear.shape[:-1])
 
 
+def batched_solve(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.linalg.solve_ex(a, b)[0]`` for ``[..., n, n]`` and ``[..., n]`` (NaN/inf where ``a`` is
+    singular), safe on the CPU for large ``n`` (see :data:`_CPU_BATCHED_LU_MAX`)."""
+    n = a.shape[-1]
+    if a.device.type != "cpu" or a.dim() < 3 or n <= _CPU_BATCHED_LU_MAX or torch.get_num_threads() == 1:
+        return torch.linalg.solve_ex(a, b)[0]
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-1])
+    flat_a, flat_b = a.expand(*batch, n, n).reshape(-1, n, n), b.expand(*batch, n).reshape(-1, n)
+    return torch.stack([torch.linalg.solve_ex(m, v)[0] for m, v in zip(flat_a, flat_b, strict=True)]).reshape(*batch, n)
+
+
 def _polish(gram: Tensor, linear: Tensor, support: Tensor) -> Tensor:
     eye = torch.eye(linear.shape[-1], dtype=gram.dtype, device=gram.device)
     reduced = torch.where(support.unsqueeze(-1) & support.unsqueeze(-2), gram, eye)
-    x, _ = torch.linalg.solve_ex(reduced, torch.where(support, -linear, 0.0))
-    return x
+    return batched_solve(reduced, torch.where(support, -linear, 0.0))
 
 
 def solve_nonneg_qp(gram: Tensor, linear: Tensor, *, ridge: float = 0.0, iters: int = ITERATIONS) -> Tensor:

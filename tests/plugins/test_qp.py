@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 import torch
@@ -166,3 +170,31 @@ def test_enumeration_finds_the_zero_solution(k, monkeypatch):
     gram = a @ a.T
     x = qp.solve_nonneg_qp(gram, torch.eye(k, dtype=torch.float64) @ gram)
     assert torch.equal(x, torch.zeros(k, k, dtype=torch.float64))
+
+
+def test_large_batched_solves_do_not_hang_with_several_threads():
+    """torch's batched CPU LU hangs in MKL with more than one thread from n ≈ 151 on (pytorch#142815):
+    UPGrad and CAGrad at k = 200 must finish, and agree with the one-thread result. A subprocess,
+    so that a hang fails the test instead of blocking the suite."""
+    script = textwrap.dedent(
+        """
+        import torch
+        from balancer import GroupStats
+        from balancer.plugins import CAGrad, UPGrad
+        from balancer.plugins._qp import batched_solve
+        a = torch.randn(200, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        stats, ones = GroupStats.from_gram(a @ a.T), torch.ones(200, dtype=torch.float64)
+        out = {}
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out[threads] = [a.T @ p.update(stats, ones, p.init())[0] for p in (UPGrad(), CAGrad())]
+        for one, two in zip(out[1], out[2]):  # directions: rank 30 < 200 groups leaves the weights free
+            assert torch.allclose(one, two, rtol=0, atol=1e-7 * a.norm(dim=1).max()), (one - two).abs().max()
+        m = torch.eye(160, dtype=torch.float64).expand(3, 160, 160) * 2
+        x = batched_solve(m, torch.ones(3, 160, dtype=torch.float64))
+        assert torch.equal(x, torch.full((3, 160), 0.5, dtype=torch.float64))
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert result.stdout.strip() == "ok", result.stderr[-2000:]
