@@ -40,9 +40,9 @@ def gradvac_coefficients(
     k = cosines.shape[0]
     present = cosines.diagonal() > 0
     coefficients = torch.eye(k, dtype=cosines.dtype, device=cosines.device)
+    products = cosines.clone()  # C @ cos, row i: <edited u_i, u_j> for every j; kept up to date in O(k²)
     for step in range(orders.shape[1]):
         visit = orders[:, step : step + 1]
-        products = coefficients @ cosines  # row i: <edited u_i, u_j> for every j
         norm = (products * coefficients).sum(1).clamp_min(0.0).sqrt()
         valid = present & present.gather(0, visit[:, 0]) & (norm > 0)
         phi = torch.where(valid, products.gather(1, visit)[:, 0] / torch.where(valid, norm, 1.0), 0.0)
@@ -51,7 +51,9 @@ def gradvac_coefficients(
         root_phi = (1.0 - phi * phi).clamp_min(0.0).sqrt()
         root_target = (1.0 - target * target).clamp_min(0.0).sqrt()
         amount = norm * (target * root_phi - phi * root_target) / (root_target + eps)
-        coefficients = coefficients.scatter_add(1, visit, torch.where(valid & (phi < target), amount, 0.0)[:, None])
+        added = torch.where(valid & (phi < target), amount, 0.0)
+        coefficients = coefficients.scatter_add(1, visit, added[:, None])
+        products = products + added[:, None] * cosines[visit[:, 0]]  # C_i += a_i e_v  =>  (C cos)_i += a_i cos_v
         moved = torch.where(valid, (1.0 - beta) * target + beta * phi, target)
         targets = targets.scatter(1, visit, moved[:, None])
     return coefficients, targets

@@ -36,8 +36,9 @@ def pcgrad_coefficients(cosines: Tensor, orders: Tensor) -> Tensor:
     coefficients = torch.eye(cosines.shape[0], dtype=cosines.dtype, device=cosines.device)
     negated = -cosines
     for visit in orders.T.unsqueeze(-1):  # [k, 1]: the group each row visits at this step
-        # -<edited u_i, u_j> where it is positive (a conflict), else 0; ‖u_j‖² = 1, or 0 for a zero g_j
-        conflict = (coefficients @ negated).gather(1, visit).clamp_min(0.0)
+        # -<edited u_i, u_j> where it is positive (a conflict), else 0; ‖u_j‖² = 1, or 0 for a zero g_j.
+        # Row i needs one entry of C @ (-cos): a dot product with row v_i of the symmetric -cos, O(k).
+        conflict = (coefficients * negated[visit[:, 0]]).sum(1, keepdim=True).clamp_min(0.0)
         coefficients.scatter_add_(1, visit, conflict)
     return coefficients
 
