@@ -215,15 +215,15 @@ class LocalBackend(Backend):
         if self._names:
             self._check_layout("step()")
         self._agree(f"step() with groups {self._names}")
-        return self._global_gram(lambda buf, m: buf.gram(m, self._columns(buf), with_base=ungrouped), ungrouped)
+        return self._global_gram(ungrouped)
 
-    def _global_gram(self, part: Any, ungrouped: bool) -> Tensor:
+    def _global_gram(self, ungrouped: bool) -> Tensor:
         m = len(self._names)
         size = m + (1 if ungrouped else 0)
         device = self.stats_device
         total = torch.zeros((size, size), dtype=torch.float64, device=device)
         for buf in self._buffers:
-            total += part(buf, m).to(device=device, dtype=torch.float64)
+            total += buf.gram(m, self._columns(buf), with_base=ungrouped).to(device=device, dtype=torch.float64)
         if ungrouped:  # the buffers put the ungrouped gradient first; the protocol wants it last
             order = torch.tensor([*range(1, size), 0], device=device)
             total = total[order][:, order]
@@ -232,20 +232,30 @@ class LocalBackend(Backend):
     @torch.no_grad()
     def refine_gram(self, gram: Tensor, rows: Sequence[int]) -> Tensor:
         """Rows that are exactly zero are right already (their entries are exact zeros), and rows
-        holding NaN/inf are non-finite indeed; a finite nonzero listed row (overflowed or
-        underflowed in the fast path) makes the whole matrix be recomputed in float64 with
-        scaled rows (rare)."""
+        holding NaN/inf are non-finite indeed; for the others (finite, nonzero, overflowed or
+        underflowed in the fast path) the entries are recomputed from the row scaled by its
+        largest magnitude (:func:`~balancer.flat_buffer.rescaled_entries`): one more pass over the
+        rows, on those rare steps only."""
         m = len(self._names)
         ungrouped = gram.shape[0] == m + 1
-        ids = [-1 if r == m else r for r in rows]  # -1: the ungrouped gradient (base)
         device = self.stats_device
-        amax = torch.zeros(len(ids), dtype=torch.float64, device=device)
+        amax = torch.zeros(len(rows), dtype=torch.float64, device=device)
+        ids = [-1 if r == m else r for r in rows]  # -1: the ungrouped gradient (base)
         for buf in self._buffers:
             amax = torch.maximum(amax, buf.amax(ids, self._columns(buf)).to(device).nan_to_num(torch.inf))
         amax = self.all_reduce(amax, "max")
-        if not (torch.isfinite(amax) & (amax > 0)).any().item():  # zero rows, or truly non-finite ones
+        redo = [i for i, ok in enumerate((torch.isfinite(amax) & (amax > 0)).tolist()) if ok]
+        if not redo:
             return gram
-        return self._global_gram(lambda buf, m: buf.exact_gram(m, self._columns(buf), with_base=ungrouped), ungrouped)
+        order = torch.tensor([*range(1, m + 1), 0], device=device)  # the buffers put the ungrouped first
+        entries = torch.zeros((len(redo), gram.shape[0]), dtype=torch.float64, device=device)
+        for buf in self._buffers:
+            part = buf.rescaled_entries(m, [ids[i] for i in redo], self._columns(buf), ungrouped).to(device)
+            entries += part[:, order] if ungrouped else part
+        entries = self._reduce_gram(entries)
+        index = torch.tensor([rows[i] for i in redo], device=device)
+        gram = gram.index_copy(0, index, entries)
+        return gram.index_copy(1, index, entries.T)
 
     # -- combination -----------------------------------------------------------------------
     @torch.no_grad()

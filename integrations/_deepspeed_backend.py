@@ -16,7 +16,7 @@ from torch import Tensor
 
 from balancer.backend import Backend
 from balancer.errors import BalancerError, CaptureError
-from balancer.flat_buffer import stacked_gram
+from balancer.flat_buffer import abs_max, rescaled_entries, stacked_gram, stacked_row
 
 from ._agreement import RankAgreement, RankReductions
 from ._deepspeed_checkpoints import wrap_checkpoints
@@ -149,18 +149,19 @@ class DeepSpeedBackend(RankReductions, Backend):
         m = len(self._names)
         if not ungrouped:
             return self._agreement.sum(self._rows.gram(m).to(torch.float64))
-        return self._agreement.sum(self._stacked(m, exact=False))
-
-    def _stacked(self, m: int, exact: bool) -> Tensor:
-        """``[m+1, m+1]`` float64 Gram of ``[rows; ungrouped]`` (zeros for an unused ungrouped row)."""
-        parts = self._rows.parts(m)
-        if self._base_used:
-            assert self._base is not None
-            parts.append(self._base[None])
+        parts = self._parts(m, ungrouped=True)
         if not parts:
             return torch.zeros((m + 1, m + 1), dtype=torch.float64, device=self.source.device)
-        gram = stacked_gram(parts, exact=exact).to(torch.float64)
-        return gram if self._base_used else torch.nn.functional.pad(gram, (0, 1, 0, 1))
+        gram = stacked_gram(parts).to(torch.float64)
+        return self._agreement.sum(gram if self._base_used else torch.nn.functional.pad(gram, (0, 1, 0, 1)))
+
+    def _parts(self, m: int, ungrouped: bool) -> list[Tensor]:
+        """Row tensors of ``[rows; ungrouped]`` (the ungrouped row only when there is one)."""
+        parts = self._rows.parts(m)
+        if ungrouped and self._base_used:
+            assert self._base is not None
+            parts.append(self._base[None])
+        return parts
 
     @property
     def gram_floor(self) -> float:
@@ -168,20 +169,26 @@ class DeepSpeedBackend(RankReductions, Backend):
 
     @torch.no_grad()
     def refine_gram(self, gram: Tensor, rows: Sequence[int]) -> Tensor:
-        """Exactly-zero rows are right already; any other listed row: the whole matrix again in
-        float64 from scaled rows (rare)."""
+        """Zero and non-finite rows are right already; the other listed rows get their entries
+        again from the row scaled by its largest magnitude (rare; one more pass over the rows)."""
         m = len(self._names)
         ungrouped = gram.shape[0] == m + 1
-        amax = self._rows.amax([r for r in rows if r < m])
-        if ungrouped and m in rows and self._base_used:
-            assert self._base is not None
-            amax = torch.cat([amax, self._base.abs().amax().double().reshape(1)])
-        amax = self._agreement.reduce(amax.nan_to_num(torch.inf), "max")
-        if not (torch.isfinite(amax) & (amax > 0)).any().item():  # zero rows, or truly non-finite ones
+        parts = self._parts(m, ungrouped)
+        present = [r for r in rows if r < m or self._base_used]  # an unused ungrouped row is zero
+        amax = torch.zeros(len(rows), dtype=torch.float64, device=self.source.device)
+        if present:
+            local = torch.stack([abs_max(stacked_row(parts, r)) for r in present])
+            amax[[rows.index(r) for r in present]] = local.nan_to_num(torch.inf)
+        amax = self._agreement.reduce(amax, "max")
+        redo = [r for r, ok in zip(rows, (torch.isfinite(amax) & (amax > 0)).tolist(), strict=True) if ok]
+        if not redo:
             return gram
-        if ungrouped:
-            return self._agreement.sum(self._stacked(m, exact=True))
-        return self._agreement.sum(stacked_gram(self._rows.parts(m), exact=True).to(torch.float64))
+        entries = rescaled_entries(parts, redo) if parts else gram.new_zeros((len(redo), 0))
+        if ungrouped and not self._base_used:
+            entries = torch.nn.functional.pad(entries, (0, 1))
+        entries = self._agreement.sum(entries.to(gram))
+        index = torch.tensor(redo, device=gram.device)
+        return gram.index_copy(0, index, entries).index_copy(1, index, entries.T)
 
     def framework_clipping(self) -> float | None:
         clip = float(getattr(self.engine, "gradient_clipping", lambda: 0.0)() or 0.0)

@@ -62,14 +62,6 @@ class GroupRows:
         out = [] if self.block is None or not min(m, self.capacity) else [self.block[: min(m, self.capacity)]]
         return out + [row[None] for row in self.extra[: max(0, m - self.capacity)]]
 
-    def amax(self, rows: list[int]) -> Tensor:
-        """Largest magnitude of each listed row, float64."""
-        if not rows:
-            return torch.zeros(0, dtype=torch.float64, device=self.device)
-        return torch.stack(
-            [self.row(i).abs().amax() if self.numel else self.row(i).new_zeros(()) for i in rows]
-        ).double()
-
     @torch.no_grad()
     def gram(self, m: int) -> Tensor:
         """``A Aᵀ`` of the first ``m`` rows in float32 (float32 GEMM; bf16 rows upcast by chunks)."""

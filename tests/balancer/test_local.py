@@ -203,16 +203,18 @@ def test_tiled_gram_product_matches_float64(k, n):
 
 
 # -- bad input: never silently wrong ---------------------------------------------------------------
-def _two_group_norms(scale: float, dtype=torch.float32):
+def _two_group_norms(scale: float, dtype=torch.float32, **options):
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(1000, dtype=dtype))
-    opt = Balancer(torch.optim.SGD([p], lr=0.1))
+    opt = Balancer(torch.optim.SGD([p], lr=0.1), **options)
     g = torch.randn(1000, dtype=torch.float64) * scale
-    with opt.group("a"):
-        (p * g.to(dtype)).sum().backward()
-    with opt.group("b"):
-        (p * torch.ones(1000, dtype=dtype)).sum().backward()
-    opt.step()
+    for _ in range(2):  # the second step: base holds the first step's update (not an ungrouped gradient)
+        with opt.group("a"):
+            (p * g.to(dtype)).sum().backward()
+        with opt.group("b"):
+            (p * torch.ones(1000, dtype=dtype)).sum().backward()
+        opt.step()
+        opt.zero_grad()
     return opt, g.to(dtype).double()
 
 
@@ -227,15 +229,20 @@ def test_norms_from_1e_minus_30_to_1e30_are_right_and_finite(scale):
     assert stats.weights.tolist() == [1.0, 1.0]
 
 
-@pytest.mark.parametrize(("size", "exact"), [(0.0, False), (1.0, False), (1e-30, True), (1e30, True)])
-def test_only_untrustworthy_rows_take_the_slow_path(monkeypatch, size, exact):
-    """Zero rows (an all-zero-advantage GRPO group, say) and ordinary rows keep the fast Gram."""
+@pytest.mark.parametrize("clip", [{}, {"max_grad_norm": 1e6}], ids=["plain", "clipped"])
+@pytest.mark.parametrize(("size", "slow"), [(0.0, False), (1.0, False), (1e-30, True), (1e30, True)])
+def test_only_untrustworthy_rows_take_the_slow_path(monkeypatch, size, slow, clip):
+    """Zero rows (an all-zero-advantage GRPO group, say) and ordinary rows keep the fast Gram, with
+    or without the clip's ungrouped row; only the suspect row is recomputed, not the whole matrix."""
     calls = []
-    original = FlatBuffer.exact_gram
-    monkeypatch.setattr(FlatBuffer, "exact_gram", lambda *a, **k: calls.append(1) or original(*a, **k))
-    opt, g = _two_group_norms(size)
-    assert bool(calls) == exact
+    original = FlatBuffer.rescaled_entries
+    monkeypatch.setattr(
+        FlatBuffer, "rescaled_entries", lambda self, m, rows, *a: calls.append(rows) or original(self, m, rows, *a)
+    )
+    opt, g = _two_group_norms(size, **clip)
+    assert calls == ([[0], [0]] if slow else [])
     assert opt.last_stats.norms[0].item() == pytest.approx(g.norm().item(), rel=1e-6, abs=0)
+    assert opt.last_stats.norms[1].item() == pytest.approx(1000**0.5, rel=1e-6)
 
 
 def test_complex_parameters_use_the_real_inner_product():
