@@ -14,8 +14,11 @@ group is one sub-batch of 64 samples with its own data and a cross-entropy loss.
 
 Time: every run gets its own seeded model and warms up; then the three runs of one k take
 steps in turn (the order rotates every round, so machine noise hits all of them) and the median
-step time of each is kept. The ratio balancer/baseline has the target <= 1.15x; the clipped run
-is also compared with the unclipped ``task_norm`` run (target <= 1.02x). Two parts of the
+step time of each is kept. The ratio balancer/baseline has the target <= 1.15x. The clipped run
+differs from the unclipped ``task_norm`` run only inside ``opt.step()``, so its cost is read
+there: "clip cost" = (balance of the clipped run - balance of the unclipped run) / the unclipped
+step time, target <= 2%; the ratio of the two whole steps is printed too, but on a shared
+machine it mostly measures the noise in their identical forward and backward passes. Two parts of the
 difference are shown on their own: "capture", the median forward+backward time of the balancer
 minus the baseline's (zeroing the group rows, accumulating into them), and "balance", the median
 of ``opt.step()`` minus the inner AdamW step inside it (Gram matrix, plugins, combination),
@@ -32,7 +35,11 @@ included; "steady" is the peak over the later steps only. Two details keep the n
   peak, and ``VmHWM`` can be reset (``/proc/self/clear_refs``) to measure the later steps alone;
 * the children run with ``MALLOC_MMAP_THRESHOLD_=65536``: every tensor buffer is then its own
   mapping, returned to the system when freed, so RSS follows the live tensors instead of what
-  glibc's heap happens to keep (tens of MB of run-to-run noise otherwise).
+  glibc's heap happens to keep (tens of MB of run-to-run noise otherwise);
+* every child, the baseline's included, first takes two steps of a tiny clipped Balancer: RSS
+  also counts the library code pages a process has touched, and the clipped step's code paths
+  alone touch about 1.5 MiB whatever the model's size; warming them in every child keeps that
+  constant out of the comparison (it is 0.02 k·n for k = 2 here, not something that grows).
 
 PASS/FAIL is printed per row against the targets; the script exits 0 either way.
 
@@ -208,8 +215,11 @@ def print_time_rows(k: int, samples: dict[str, list[StepTime]]) -> None:
         )
         if PLUGINS[run][1] is not None:
             unclipped = median_ms(samples["task_norm"], "total")
-            clip_ratio = total / unclipped
-            line += f"   clipped/unclipped {clip_ratio:.3f}x {verdict(clip_ratio <= CLIP_TARGET)}"
+            clip_cost = (balance - median_ms(samples["task_norm"], "balance")) / unclipped
+            line += (
+                f"   clipped/unclipped {total / unclipped:.3f}x; clip cost {100 * clip_cost:+.1f}%"
+                f" {verdict(1 + clip_cost <= CLIP_TARGET)}"
+            )
         print(line)
 
 
@@ -226,8 +236,21 @@ def reset_peak_rss() -> None:
         clear_refs.write("5")  # resets VmHWM to the current RSS
 
 
+def warm_code_paths() -> None:
+    """Two steps of a tiny clipped Balancer, so that the code pages they touch are resident in every child."""
+    model = nn.Linear(4, 2)
+    opt = Balancer(torch.optim.AdamW(model.parameters()), ["task_norm"], max_grad_norm=1e-3)
+    for _ in range(2):
+        for i in range(2):
+            with opt.group(f"g{i}"):
+                model(torch.randn(3, 4)).pow(i + 1).sum().backward()
+        opt.step()
+        opt.zero_grad()
+
+
 def memory_child(cfg: Config, k: int, run: str) -> None:
     """Runs in a fresh process: a few steps of one run, then prints its peak RSS as JSON."""
+    warm_code_paths()
     trainer = Trainer(cfg, k, run)
     trainer.step()
     first = peak_rss()
