@@ -72,7 +72,8 @@ class Balancer(torch.optim.Optimizer):
             this object's (forwarded, never copied), so LR schedulers and ``GradScaler`` work on
             the Balancer as on the optimizer it wraps.
         plugins: applied in this order. Registry names (``"task_norm"``), ``(name, options)``
-            pairs, ``{"name", "options"}`` dicts, plugin classes or plugin instances.
+            pairs, ``{"name", "options"}`` dicts, plugin classes or plugin instances; or a mapping
+            ``{name: options}`` (``None`` for the defaults), in its order.
         on_nonfinite: a group gradient with NaN/inf gets weight 0 and a
             :class:`~balancer.errors.NonFiniteGradientWarning` (``"zero"``), or the step is refused
             with :class:`~balancer.errors.NonFiniteGradientError` (``"raise"``). Under a
@@ -372,6 +373,12 @@ class Balancer(torch.optim.Optimizer):
         active = self._backend.active
         if active is not None:
             raise CaptureError(f"step() called inside group `{active}`. Call it after the group block.")
+        if closure is not None and self._clip is not None:
+            raise CaptureError(
+                f"step(closure) with max_grad_norm={self._clip.max_norm}: the closure's gradients are computed inside "
+                "the inner optimizer's step, where the Balancer cannot clip them. Clip inside the closure instead, "
+                "after its backward pass: `opt.clip_grad_norm_(max_norm)` (it clips .grad there, as torch does)."
+            )
         grad_scale: Tensor | None = getattr(self, "grad_scale", None)
         found_inf: Tensor | None = getattr(self, "found_inf", None)
         source = self._source()

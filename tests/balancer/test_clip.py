@@ -315,3 +315,24 @@ def test_arguments_are_validated():
     with pytest.raises(CaptureError, match="clip twice"):
         opt.clip_grad_norm_(1.0)
     assert Balancer(torch.optim.SGD(model.parameters(), lr=1.0), max_grad_norm=1, norm_type="inf").max_grad_norm == 1.0
+
+
+def test_a_closure_is_clipped_inside_it_not_by_max_grad_norm(make_model, make_batches, group_loss):
+    model = make_model()
+    batch = make_batches()["g0"]
+    opt = Balancer(torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2), max_grad_norm=0.1)
+    with pytest.raises(CaptureError, match="Clip inside the closure"):
+        opt.step(lambda: group_loss(model, batch))
+    plain = Balancer(torch.optim.LBFGS(model.parameters(), lr=0.1, max_iter=2))
+    norms = []
+
+    def closure():
+        plain.zero_grad()
+        loss = group_loss(model, batch)
+        loss.backward()
+        norms.append(plain.clip_grad_norm_(0.1).item())
+        assert torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model.parameters()])) <= 0.1 + 1e-6
+        return loss
+
+    plain.step(closure)
+    assert norms and max(norms) > 0.1
