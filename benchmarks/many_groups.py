@@ -103,12 +103,11 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import torch
-from overhead import InnerClock  # benchmarks/overhead.py, next to this script
+from overhead import InnerClock, make_model  # benchmarks/overhead.py, next to this script
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
@@ -143,12 +142,6 @@ class Config:
 
 FULL = Config(widths=(64, 256, 256, 256, 10), batch=8, groups=(64, 256), first_runs=3, iters=10, budget=3.0, limit=60.0)
 QUICK = Config(widths=(16, 32, 10), batch=4, groups=(4, 8), first_runs=2, iters=2, budget=1.0, limit=60.0)
-
-
-def make_model(widths: Sequence[int]) -> nn.Sequential:
-    torch.manual_seed(0)
-    layers = [m for a, b in pairwise(widths) for m in (nn.Linear(a, b), nn.ReLU())]
-    return nn.Sequential(*layers[:-1])  # no ReLU after the output layer
 
 
 def make_batches(cfg: Config, k: int) -> list[tuple[Tensor, Tensor]]:
