@@ -28,7 +28,16 @@ from .stats import GroupStats
 if TYPE_CHECKING:
     from .optimizer import Balancer
 
-__all__ = ["StepPlan", "check_plan", "check_token", "clip_route", "measure", "plan_step", "trusted_verdict"]
+__all__ = [
+    "StepPlan",
+    "check_plan",
+    "check_token",
+    "clip_route",
+    "measure",
+    "measured_clip",
+    "plan_step",
+    "trusted_verdict",
+]
 
 _CHECKED = "checked"  # a plan's capture token once checked (the GradScaler's own check changes .grad)
 
@@ -47,6 +56,15 @@ class StepPlan:
     skip: bool = False  # AMP overflow: skip the step, as GradScaler expects
     token: Any = None  # the backend's capture token when the plan was made
     grad_norm: Tensor | None = None
+
+
+def measured_clip(opt: Balancer, clip: ClipRequest | None) -> ClipRequest | None:
+    """The clip a step measures: the one asked for, else the framework's own (DeepSpeed's
+    ``gradient_clipping``, which the step only reports), else none."""
+    if clip is not None:
+        return clip
+    report = opt._backend.framework_clipping()
+    return None if report is None else ClipRequest.make(report)
 
 
 def clip_route(source: Backend, clip: ClipRequest | None, groups: int) -> str | None:
@@ -91,9 +109,8 @@ def plan_step(opt: Balancer, clip: ClipRequest | None, grad_scale: Tensor | None
     source = opt._source()
     names = source.names
     k = len(names)
-    report = opt._backend.framework_clipping()  # the framework clips; the step only reports the norm
-    if clip is None and report is not None:
-        clip = ClipRequest.make(report)
+    report_only = clip is None  # a clip measured but not applied: the framework applies it
+    clip = measured_clip(opt, clip)
     route = clip_route(source, clip, k)
     gram = None
     if k or route == "gram":
@@ -125,7 +142,7 @@ def plan_step(opt: Balancer, clip: ClipRequest | None, grad_scale: Tensor | None
     coef = clip_coefficient(total, clip.max_norm)
     if clip.error_if_nonfinite or opt.on_nonfinite == "raise":
         _refuse_nonfinite(source, plan, total, clip)
-    if report is None:
+    if not report_only:
         if plan.combined:
             source.scale_update(coef)
         else:
@@ -255,7 +272,7 @@ def _warn_silent_plugins(opt: Balancer, groups: int) -> None:
 
 def _warn_missing_losses(opt: Balancer, names: list[str]) -> None:
     """A loss-based plugin on groups whose loss was not recorded falls back to equal weights: say so, once."""
-    users = [p.name for p in opt.plugins if getattr(p, "needs_losses", False)]
+    users = [p.name for p in opt.plugins if p.needs_losses]
     missing = [n for n in names if n not in opt._losses]
     if users and missing:
         _warn_once(

@@ -25,7 +25,17 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FlatBuffer", "TensorKind", "gram_of", "rescaled_entries", "stacked_gram"]
+__all__ = [
+    "FlatBuffer",
+    "TensorKind",
+    "abs_max",
+    "gram_of",
+    "rescaled_entries",
+    "rows_to_rescale",
+    "stacked_gram",
+    "stacked_row",
+    "with_rows",
+]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _GRAM_MIN_TILE = 1024  # columns per tile of the batched Gram product (faster and more accurate than one GEMM)
@@ -136,6 +146,25 @@ def rescaled_entries(parts: list[Tensor], rows: list[int]) -> Tensor:
     cross = cross.to(torch.float64) * scale[:, None]
     inner = inner.to(torch.float64) * (scale[:, None] * scale[None, :])
     return cross.index_copy(1, torch.tensor(rows, device=device), inner)
+
+
+def rows_to_rescale(rows: list[int], amax: Tensor) -> list[int]:
+    """The listed rows whose largest magnitude (reduced over ranks) is finite and nonzero: zero rows
+    have exact zero entries already, and rows holding NaN/inf are non-finite indeed (one host sync)."""
+    return [r for r, ok in zip(rows, (torch.isfinite(amax) & (amax > 0)).tolist(), strict=True) if ok]
+
+
+def with_rows(gram: Tensor, rows: list[int], entries: Tensor) -> Tensor:
+    """``gram`` with rows and columns ``rows`` replaced by ``entries`` (``[len(rows), k]``), symmetrically."""
+    index = torch.tensor(rows, device=gram.device)
+    return gram.index_copy(0, index, entries).index_copy(1, index, entries.T)
+
+
+def _base_last(t: Tensor, *dims: int) -> Tensor:
+    """``t`` with index 0 of each of ``dims`` (the base row, stored first) moved to the end."""
+    for dim in dims:
+        t = torch.cat([t.narrow(dim, 1, t.shape[dim] - 1), t.narrow(dim, 0, 1)], dim=dim)
+    return t
 
 
 class TensorKind:
@@ -379,39 +408,38 @@ class FlatBuffer:
             p.grad = view
 
     def gram(self, m: int, columns: slice = slice(None), with_base: bool = False) -> Tensor:
-        """Gram matrix of the ``m`` group rows (restricted to ``columns``); ``with_base``: of
-        ``[ungrouped; rows]``, index 0 the ungrouped gradient (zero if there is none)."""
+        """Gram matrix of the ``m`` group rows (restricted to ``columns``); ``with_base``: of the rows
+        and the ungrouped gradient, which comes last (zeros if there is none). It is computed from
+        ``[base; rows]``, one contiguous matrix, then reordered."""
         if with_base and self.has_ungrouped():
             self.adopt_ungrouped()
-            return stacked_gram([p[:, columns] for p in self.parts(m, with_base=True)])
+            return _base_last(stacked_gram([p[:, columns] for p in self.parts(m, with_base=True)]), 0, 1)
         gram = stacked_gram([p[:, columns] for p in self.parts(m)])
-        if not with_base:
-            return gram
-        return torch.nn.functional.pad(gram, (1, 0, 1, 0))
+        return torch.nn.functional.pad(gram, (0, 1, 0, 1)) if with_base else gram
 
     def rescaled_entries(
         self, m: int, rows: list[int], columns: slice = slice(None), with_base: bool = False
     ) -> Tensor:
-        """:func:`rescaled_entries` of group rows ``rows`` (``-1``: the ungrouped gradient) against
-        every row, columns in the order of :meth:`gram` (an absent ungrouped gradient: zeros)."""
+        """:func:`rescaled_entries` of group rows ``rows`` (``m``: the ungrouped gradient) against
+        every row, in the order of :meth:`gram` (an absent ungrouped gradient: zeros)."""
         base = with_base and self.has_ungrouped()
         parts = [p[:, columns] for p in self.parts(m, with_base=base)]
         out = torch.zeros((len(rows), m + (1 if with_base else 0)), dtype=torch.float64, device=self.device)
-        present = [i for i, r in enumerate(rows) if r >= 0 or base]
+        present = [i for i, r in enumerate(rows) if r < m or base]
         if present:
-            offset = 1 if base else 0  # the stacked index of group 0
-            entries = rescaled_entries(parts, [rows[i] + offset if rows[i] >= 0 else 0 for i in present])
-            out[present, (1 if with_base and not base else 0) :] = entries
+            stacked = [(0 if rows[i] == m else rows[i] + 1) if base else rows[i] for i in present]
+            entries = rescaled_entries(parts, stacked)
+            out[present, : entries.shape[1]] = _base_last(entries, 1) if base else entries
         return out
 
-    def amax(self, rows: list[int], columns: slice = slice(None)) -> Tensor:
-        """``[len(rows)]`` largest magnitude of each listed group row (``-1``: the ungrouped gradient)."""
+    def amax(self, rows: list[int], m: int, columns: slice = slice(None)) -> Tensor:
+        """``[len(rows)]`` largest magnitude of each listed group row (``m``: the ungrouped gradient)."""
         out = []
         for i in rows:
-            if i < 0 and not self.has_ungrouped():  # no ungrouped gradient: base holds a spent update
+            if i == m and not self.has_ungrouped():  # no ungrouped gradient: base holds a spent update
                 out.append(torch.zeros((), dtype=torch.float64, device=self.device))
                 continue
-            out.append(abs_max((self.blocks[0][0] if i < 0 else self.row(i))[columns]))
+            out.append(abs_max((self.blocks[0][0] if i == m else self.row(i))[columns]))
         return torch.stack(out) if out else torch.zeros(0, dtype=torch.float64, device=self.device)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .backend import Backend, NaNFlag
 from .errors import BalancerWarning, CaptureError
-from .flat_buffer import FlatBuffer, TensorKind
+from .flat_buffer import FlatBuffer, TensorKind, rows_to_rescale, with_rows
 
 __all__ = ["FlatBuffer", "LocalBackend", "TensorKind"]
 
@@ -224,9 +224,6 @@ class LocalBackend(Backend):
         total = torch.zeros((size, size), dtype=torch.float64, device=device)
         for buf in self._buffers:
             total += buf.gram(m, self._columns(buf), with_base=ungrouped).to(device=device, dtype=torch.float64)
-        if ungrouped:  # the buffers put the ungrouped gradient first; the protocol wants it last
-            order = torch.tensor([*range(1, size), 0], device=device)
-            total = total[order][:, order]
         return self._reduce_gram(total)
 
     @torch.no_grad()
@@ -239,23 +236,17 @@ class LocalBackend(Backend):
         m = len(self._names)
         ungrouped = gram.shape[0] == m + 1
         device = self.stats_device
+        rows = list(rows)
         amax = torch.zeros(len(rows), dtype=torch.float64, device=device)
-        ids = [-1 if r == m else r for r in rows]  # -1: the ungrouped gradient (base)
         for buf in self._buffers:
-            amax = torch.maximum(amax, buf.amax(ids, self._columns(buf)).to(device).nan_to_num(torch.inf))
-        amax = self.all_reduce(amax, "max")
-        redo = [i for i, ok in enumerate((torch.isfinite(amax) & (amax > 0)).tolist()) if ok]
+            amax = torch.maximum(amax, buf.amax(rows, m, self._columns(buf)).to(device).nan_to_num(torch.inf))
+        redo = rows_to_rescale(rows, self.all_reduce(amax, "max"))
         if not redo:
             return gram
-        order = torch.tensor([*range(1, m + 1), 0], device=device)  # the buffers put the ungrouped first
         entries = torch.zeros((len(redo), gram.shape[0]), dtype=torch.float64, device=device)
         for buf in self._buffers:
-            part = buf.rescaled_entries(m, [ids[i] for i in redo], self._columns(buf), ungrouped).to(device)
-            entries += part[:, order] if ungrouped else part
-        entries = self._reduce_gram(entries)
-        index = torch.tensor([rows[i] for i in redo], device=device)
-        gram = gram.index_copy(0, index, entries)
-        return gram.index_copy(1, index, entries.T)
+            entries += buf.rescaled_entries(m, redo, self._columns(buf), ungrouped).to(device)
+        return with_rows(gram, redo, self._reduce_gram(entries))
 
     # -- combination -----------------------------------------------------------------------
     @torch.no_grad()

@@ -27,7 +27,7 @@ from torch import Tensor
 from ._checks import check_graph_leaves, check_group_name, check_loss, check_model_params
 from ._clip import ClipRequest, check_clip, clip_in_place, has_update_norm
 from ._state import load_balancer_section, make_balancer_section
-from ._step import StepPlan, check_plan, check_token, clip_route, measure, plan_step
+from ._step import StepPlan, check_plan, check_token, clip_route, measure, measured_clip, plan_step
 from .backend import Backend
 from .config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_config
 from .errors import CaptureError
@@ -39,7 +39,6 @@ from .stats import GroupStats
 from .taps import TapHub
 
 __all__ = ["Balancer"]
-
 
 _HOOK_REGISTRIES = (
     "_optimizer_step_pre_hooks",
@@ -230,17 +229,12 @@ class Balancer(torch.optim.Optimizer):
                 check_token(self, plan, source)
                 poison = plan.skip
             else:  # no host sync here: a Gram row that is not finite makes the scaler skip and back off
-                clip = self._clip if self._clip is not None else self._report_clip()
-                gram, _ = measure(self, source, clip_route(source, clip, k) == "gram")
+                gram, _ = measure(self, source, clip_route(source, measured_clip(self, self._clip), k) == "gram")
                 dropped = any(name in self._dropped for name in source.names)
                 poison = (~torch.isfinite(gram.diagonal()[:k]).all()) | dropped
             if plan is None or not plan.combined:
                 source.expose_ungrouped(torch.as_tensor(poison, device=source.stats_device))
         return True
-
-    def _report_clip(self) -> ClipRequest | None:
-        report = self._backend.framework_clipping()
-        return None if report is None else ClipRequest.make(report)
 
     # -- capture -----------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from balancer.backend import Backend
 from balancer.errors import BalancerError, CaptureError
-from balancer.flat_buffer import abs_max, rescaled_entries, stacked_gram, stacked_row
+from balancer.flat_buffer import abs_max, rescaled_entries, rows_to_rescale, stacked_gram, stacked_row, with_rows
 
 from ._agreement import RankAgreement, RankReductions
 from ._deepspeed_checkpoints import wrap_checkpoints
@@ -179,16 +179,13 @@ class DeepSpeedBackend(RankReductions, Backend):
         if present:
             local = torch.stack([abs_max(stacked_row(parts, r)) for r in present])
             amax[[rows.index(r) for r in present]] = local.nan_to_num(torch.inf)
-        amax = self._agreement.reduce(amax, "max")
-        redo = [r for r, ok in zip(rows, (torch.isfinite(amax) & (amax > 0)).tolist(), strict=True) if ok]
+        redo = rows_to_rescale(rows, self._agreement.reduce(amax, "max"))
         if not redo:
             return gram
         entries = rescaled_entries(parts, redo) if parts else gram.new_zeros((len(redo), 0))
         if ungrouped and not self._base_used:
             entries = torch.nn.functional.pad(entries, (0, 1))
-        entries = self._agreement.sum(entries.to(gram))
-        index = torch.tensor(redo, device=gram.device)
-        return gram.index_copy(0, index, entries).index_copy(1, index, entries.T)
+        return with_rows(gram, redo, self._agreement.sum(entries.to(gram)))
 
     def framework_clipping(self) -> float | None:
         clip = float(getattr(self.engine, "gradient_clipping", lambda: 0.0)() or 0.0)

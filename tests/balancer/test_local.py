@@ -352,3 +352,23 @@ def test_a_row_reservation_that_does_not_fit_is_dropped_with_a_warning(make_mode
             group_loss(model, make_batches()["g0"]).backward()
     opt.step()
     assert opt.last_stats.names == ("g0",) and opt.backend.buffers[0].capacity == 1
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_a_refined_row_with_an_ungrouped_gradient_keeps_the_clip_exact(scale):
+    """The refinement rewrites the suspect row's entries against every row, the ungrouped one included."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(1000))
+    opt = Balancer(torch.optim.SGD([p], lr=1.0), max_grad_norm=1e40)
+    g = (torch.randn(1000, dtype=torch.float64) * scale).float()
+    b, c = torch.randn(1000), torch.randn(1000)
+    (p * b).sum().backward()  # ungrouped
+    with opt.group("tiny"):
+        (p * g).sum().backward()
+    with opt.group("plain"):
+        (p * c).sum().backward()
+    opt.step()
+    rows = torch.stack([g, c]).double()
+    torch.testing.assert_close(opt.last_stats.gram, rows @ rows.T, rtol=1e-6, atol=1e-6 * scale * 1000**0.5)
+    update = b.double() + rows.sum(0)
+    torch.testing.assert_close(opt.last_stats.grad_norm, update.norm(), rtol=1e-6, atol=0)
