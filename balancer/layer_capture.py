@@ -277,15 +277,11 @@ class LayerCapture(Backend):
             self._undo = None
 
     def capture_token(self) -> Any:
-        return tuple(None if p.grad is None else (id(p.grad), p.grad._version) for p in self._trained())
+        return self._backend.capture_token()  # the same .grad: the backend has no group pending
 
     @torch.no_grad()
     def update_norm(self, norm_type: float) -> Tensor:
-        grads = [p.grad for p in self._trained() if p.grad is not None]
-        if not grads:
-            return torch.zeros((), dtype=torch.float64, device=self._device)
-        norms = torch.stack([torch.linalg.vector_norm(g, norm_type).to(self._device, torch.float64) for g in grads])
-        return torch.linalg.vector_norm(norms, norm_type)
+        return self._backend.update_norm(norm_type)  # combine() wrote .grad, which the backend measures
 
     @torch.no_grad()
     def scale_update(self, factor: Tensor) -> None:

@@ -77,7 +77,10 @@ class LocalBackend(Backend):
 
     @property
     def stats_device(self) -> torch.device:
-        return self._buffers[0].device if self._buffers else torch.device("cpu")
+        if self._buffers:
+            return self._buffers[0].device
+        params = self._params()  # no group captured yet: the device of the gradients there are
+        return self.kind.local(params[0]).device if params else torch.device("cpu")
 
     @property
     def optimizer(self) -> torch.optim.Optimizer:
