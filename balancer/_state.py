@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ._copy import map_tensors
 from .errors import StateDictError
 from .plugin import InvalidStateError, Plugin, State, check_state_types
 
@@ -33,16 +34,6 @@ parameters of a small MLP: 1.6 TB) would be allocated as is. ``rows`` is only a 
 order of the first steps after a resume): a checkpoint above the bound loads once it is deleted."""
 
 _REFUSE = "The checkpoint is damaged or was edited: load an earlier one, or re-save it from a healthy run."
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {k: _to_device(v, device) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return type(value)(_to_device(v, device) for v in value)
-    return value
 
 
 def _field(prefix: str, path: str) -> str:
@@ -193,5 +184,5 @@ def load_balancer_section(
     _check_plugin_list(section, plugins)
     for plugin in plugins:
         _check_state(plugin, section["states"][plugin.name])
-    states = {p.name: _to_device(section["states"][p.name], device) for p in plugins}
+    states = {p.name: map_tensors(section["states"][p.name], lambda t: t.to(device)) for p in plugins}
     return states, section["step"]
