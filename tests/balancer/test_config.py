@@ -753,15 +753,20 @@ def test_any_json_value_as_plugins_builds_or_is_a_config_error_without_repeats(
 
 
 # -- files that are no JSON config --------------------------------------------------------------
+def _both_readers_refuse(registry, path, message) -> None:
+    """``load_config`` and ``Balancer.from_config`` each raise one ConfigError with ``message``."""
+    for read in (load_config, lambda p: Balancer.from_config(sgd(), p, registry=registry)):
+        with pytest.raises(ConfigError) as excinfo:
+            read(path)
+        assert errors_of(excinfo) == [("", message)]
+
+
 def test_a_binary_file_is_a_config_error_naming_the_file(registry, tmp_path) -> None:
     path = tmp_path / "weights.bin"
     path.write_bytes(b"\x80\x81\x82{}")
     message = f"config file `{path}` is not JSON text: byte 0 cannot be decoded as utf-8; save it as UTF-8"
 
-    for read in (load_config, lambda p: Balancer.from_config(sgd(), p, registry=registry)):
-        with pytest.raises(ConfigError) as excinfo:
-            read(path)
-        assert errors_of(excinfo) == [("", message)]
+    _both_readers_refuse(registry, path, message)
 
 
 def test_a_utf8_file_with_a_byte_order_mark_reads(tmp_path) -> None:
@@ -779,10 +784,7 @@ def test_deeply_nested_json_is_a_config_error_naming_the_file(registry, tmp_path
         f"(about {sys.getrecursionlimit()} levels or more)"
     )
 
-    for read in (load_config, lambda p: Balancer.from_config(sgd(), p, registry=registry)):
-        with pytest.raises(ConfigError) as excinfo:
-            read(path)
-        assert errors_of(excinfo) == [("", message)]
+    _both_readers_refuse(registry, path, message)
 
 
 def test_a_huge_integer_is_a_config_error_naming_the_file(tmp_path) -> None:
