@@ -38,6 +38,14 @@ def batch(step, name):  # this rank's half of the global batch of 8 rows
 def make_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+def total_loss(model, step):  # the step's losses in one piece: what a loop without the Balancer backpropagates
+    x, y = batch(step + 50, "mid")
+    loss = 0.3 * mse(model(x), y)
+    for name in groups:
+        x, y = batch(step, name)
+        loss = loss + mse(model(x), y)
+    return loss
 """
 
 TORCH_SCRIPT = (
@@ -48,15 +56,32 @@ from balancer import Balancer
 dist.init_process_group("gloo")
 rank = dist.get_rank()
 
-def run(kind, how, norm_type):
+def wrapped(kind):
     model = make_model()
     if kind == "fsdp":
         from torch.distributed.fsdp import fully_shard
         fully_shard(model[0]); fully_shard(model)
-    else:
-        model = torch.nn.parallel.DistributedDataParallel(model)
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model)
+
+def gathered(model):
+    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
+    return [p.detach().clone() for p in full]
+
+def run_plain(kind):  # DDP / FSDP2 alone: one backward of the summed loss, torch's clip, AdamW
+    model = wrapped(kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for step in range(steps):
+        total_loss(model, step).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        opt.step()
+        opt.zero_grad()
+    return gathered(model), []
+
+def run(kind, how, norm_type, plugins=("task_norm",)):
+    model = wrapped(kind)
     clip = {"max_grad_norm": max_norm} if how == "max_grad_norm" else {}
-    opt = Balancer(torch.optim.AdamW(model.parameters(), lr=1e-2), plugins=["task_norm"], **clip)
+    opt = Balancer(torch.optim.AdamW(model.parameters(), lr=1e-2), plugins=list(plugins), **clip)
     norms = []
     for step in range(steps):
         x, y = batch(step + 50, "mid")
@@ -71,14 +96,16 @@ def run(kind, how, norm_type):
         if how == "max_grad_norm":
             norms.append(opt.last_stats.grad_norm.item())
         opt.zero_grad()
-    full = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
-    return [p.detach().clone() for p in full], norms
+    return gathered(model), norms
 
 results = {}
 for kind in ("ddp", "fsdp"):
-    for how, norm_type in (("max_grad_norm", 2.0), ("call", 2.0), ("call", math.inf)):
-        params, norms = run(kind, how, norm_type)
-        key = f"{kind}-{how}-{norm_type}"
+    runs = {f"{kind}-{how}-{norm}": (lambda h=how, n=norm: run(kind, h, n)) for how, norm in
+            (("max_grad_norm", 2.0), ("call", 2.0), ("call", math.inf))}
+    runs[f"{kind}-noplugin"] = lambda: run(kind, "max_grad_norm", 2.0, plugins=())
+    runs[f"{kind}-plain"] = lambda: run_plain(kind)
+    for key, go in runs.items():
+        params, norms = go()
         torch.save(params, out / f"{key}-{rank}.pt")
         results[key] = norms
 (out / f"norms{rank}.json").write_text(json.dumps(results))
@@ -147,10 +174,27 @@ def config(stage, ds_clip, section):
             "steps_per_print": 10**9, "zero_optimization": {"stage": stage},
             "balancer": {"plugins": ["task_norm"], **section}}
 
+def params_of(engine, stage):
+    ps = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(ps, enabled=stage == 3):
+        return [p.detach().float().clone() for p in ps]
+
+def run_plain(stage):  # DeepSpeed alone: one backward of the summed loss, its own gradient_clipping
+    model = make_model()
+    cfg = {k: v for k, v in config(stage, max_norm, {}).items() if k != "balancer"}
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
+                                           config=cfg)
+    for step in range(steps):
+        engine.backward(total_loss(engine, step))
+        engine.step()
+    return params_of(engine, stage)
+
 def run(stage, how):
     model = make_model()
-    ds_clip = max_norm if how == "deepspeed" else 0.0
+    ds_clip = max_norm if how in ("deepspeed", "noplugin") else 0.0
     section = {"max_grad_norm": max_norm} if how in ("max_grad_norm", "both") else {}
+    if how == "noplugin":
+        section["plugins"] = []
     if how == "both":
         ds_clip = max_norm
     engine, opt, _, _ = initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-2),
@@ -169,17 +213,15 @@ def run(stage, how):
         norms.append([opt.last_stats.grad_norm.item(), opt.last_stats.clip_coef.item()])
         ds_norms.append(float(engine.get_global_grad_norm()))
         opt.zero_grad()
-    ps = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(ps, enabled=stage == 3):
-        params = [p.detach().float().clone() for p in ps]
-    return params, norms, ds_norms
+    return params_of(engine, stage), norms, ds_norms
 
 report = {}
 for stage in (2, 3):
-    for how in ("max_grad_norm", "call", "deepspeed"):
+    for how in ("max_grad_norm", "call", "deepspeed", "noplugin"):
         params, norms, ds_norms = run(stage, how)
         torch.save(params, out / f"zero{stage}-{how}-{rank}.pt")
         report[f"zero{stage}-{how}"] = {"norms": norms, "deepspeed": ds_norms}
+    torch.save(run_plain(stage), out / f"zero{stage}-plain-{rank}.pt")
     try:
         run(stage, "both")
     except CaptureError as exc:
@@ -225,3 +267,24 @@ def test_zero_clip_twice_is_refused(deepspeed_runs, stage):
     for rank in range(2):
         assert "gradient_clipping" in reports[rank][f"zero{stage}-both"]
         assert "clip twice" in reports[rank][f"zero{stage}-both"]
+
+
+def _same_params(path, key_a: str, key_b: str) -> None:
+    for rank in range(2):
+        ours, theirs = torch.load(path / f"{key_a}-{rank}.pt"), torch.load(path / f"{key_b}-{rank}.pt")
+        for a, b in zip(ours, theirs, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_no_plugin_clipped_equals_the_framework_alone(torch_runs, kind):
+    """Balancer without plugins, groups captured apart, max_grad_norm: the parameters of DDP / FSDP2
+    with one backward of the summed loss and torch.nn.utils.clip_grad_norm_ (same data, same clip)."""
+    _same_params(torch_runs[0], f"{kind}-noplugin", f"{kind}-plain")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_no_plugin_with_deepspeed_clipping_equals_deepspeed_alone(deepspeed_runs, stage):
+    """Balancer without plugins on an engine with gradient_clipping: the parameters of the engine
+    alone on the summed loss, clipped by DeepSpeed (same data, same clip)."""
+    _same_params(deepspeed_runs[0], f"zero{stage}-noplugin", f"zero{stage}-plain")
