@@ -3,14 +3,37 @@
 ``Balancer(inner, plugins=[...])`` wraps a ``torch.optim.Optimizer``. Gradients are tagged by
 group (``with opt.group(name): loss.backward()``); plugins turn per-group statistics into
 weights before the wrapped optimizer steps.
+
+Where a gradient goes, and where each part lives:
+
+1. capture (:mod:`balancer.capture`): each group's gradient lands in a row of a flat buffer
+   (``capture.local``, ``capture.flat_buffer``), or the layer capture keeps per-layer factors
+   (``capture.layer_capture``); taps show gradients to plugins inside the backward pass
+   (``capture.taps``). Data-parallel backends extend this in :mod:`balancer.integrations`.
+2. stats: the Gram matrix of the rows, reduced over ranks (``GroupStats``, the ``Backend``
+   protocol: :mod:`balancer.contract`).
+3. weights: the plugins in the user's order (:mod:`balancer.contract.plugin`; built-ins in
+   :mod:`balancer.plugins`, third-party ones found through :mod:`balancer.contract.registry`).
+4. clip and combine, then the inner step: :mod:`balancer.optimizer` (``Balancer``, the facade)
+   with the step in ``balancer._step`` and the clip in ``balancer._clip``.
+
+Around it: :mod:`balancer.config` (the validated configuration), :mod:`balancer.checkpoint`,
+:mod:`balancer.errors`; the recipes for the seed papers (:mod:`balancer.recipes`: DPO, continual
+learning, split-half estimates); the command line, metrics log and report (:mod:`balancer.tools`);
+the GRPO demo (:mod:`balancer.demo`).
 """
 
 from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-from .config import BalancerConfig, PluginSpec, build_plugins, config_schema, load_config
-from .errors import (
+from balancer.config import BalancerConfig, PluginSpec, build_plugins, config_schema, load_config
+from balancer.contract.hookspecs import hookimpl
+from balancer.contract.plugin import InvalidStateError, Plugin, PluginOptions, State
+from balancer.contract.registry import PluginInfo, Registry, default_registry, list_plugins
+from balancer.contract.stats import GroupStats
+from balancer.contract.tap_event import TapEvent
+from balancer.errors import (
     BalancerError,
     BalancerWarning,
     CaptureError,
@@ -23,13 +46,9 @@ from .errors import (
     PluginWarning,
     StateDictError,
 )
-from .hookspecs import hookimpl
-from .metrics import MetricsLogger
-from .optimizer import Balancer
-from .plugin import InvalidStateError, Plugin, PluginOptions, State
-from .registry import PluginInfo, Registry, default_registry, list_plugins
-from .split_half import SplitHalf
-from .stats import GroupStats
+from balancer.optimizer import Balancer
+from balancer.recipes.split_half import SplitHalf
+from balancer.tools.metrics import MetricsLogger
 
 try:
     __version__ = version("gradient-balancer")
@@ -60,6 +79,7 @@ __all__ = [
     "SplitHalf",
     "State",
     "StateDictError",
+    "TapEvent",
     "__version__",
     "build_plugins",
     "config_schema",

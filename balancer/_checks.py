@@ -8,8 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .errors import CaptureError, PluginError
-from .stats import GroupStats
+from balancer.contract.stats import GroupStats
+from balancer.errors import CaptureError, PluginError
 
 
 def check_group_name(name: Any) -> None:

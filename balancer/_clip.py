@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .backend import Backend
-from .errors import CaptureError, NonFiniteGradientError
+from balancer.contract.backend import Backend
+from balancer.errors import CaptureError, NonFiniteGradientError
 
 __all__ = ["ClipRequest", "check_clip", "clip_coefficient", "clip_in_place", "gram_norm"]
 

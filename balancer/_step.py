@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ._clip import ClipRequest, clip_coefficient, gram_norm, has_update_norm
-from ._weighting import Verdict, read_verdict, run_plugins
-from .backend import Backend
-from .errors import BalancerWarning, CaptureError, NonFiniteGradientError, NonFiniteGradientWarning
-from .plugin import State
-from .stats import GroupStats
+from balancer._clip import ClipRequest, clip_coefficient, gram_norm, has_update_norm
+from balancer._weighting import Verdict, read_verdict, run_plugins
+from balancer.contract.backend import Backend
+from balancer.contract.plugin import State
+from balancer.contract.stats import GroupStats
+from balancer.errors import BalancerWarning, CaptureError, NonFiniteGradientError, NonFiniteGradientWarning
 
 if TYPE_CHECKING:
-    from .optimizer import Balancer
+    from balancer.optimizer import Balancer
 
 __all__ = [
     "StepPlan",
@@ -252,7 +252,7 @@ def _warn_silent_plugins(opt: Balancer, groups: int) -> None:
             "no-taps",
             f"step() ran with plugins {tapping}, which act at taps, but no tapped gradient reached them in "
             "this step, so they did nothing. Fix: pass the tensor they act on through opt.tap(tensor, group=...) "
-            "in the forward pass (the logits for replay_bias; balancer.dpo.tap_pairs for balanced_dpo's prob "
+            "in the forward pass (the logits for replay_bias; balancer.recipes.dpo.tap_pairs for balanced_dpo's prob "
             "rule), and make sure the loss's backward pass goes through it. (Shown once per Balancer.)",
         )
     acting = [p.name for p in opt.plugins if p.acts_on_groups]

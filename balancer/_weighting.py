@@ -9,11 +9,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._checks import check_weights
-from ._copy import copy_state
-from .errors import PluginError
-from .plugin import Plugin, State
-from .stats import GroupStats
+from balancer._checks import check_weights
+from balancer._copy import copy_state
+from balancer.contract.plugin import Plugin, State
+from balancer.contract.stats import GroupStats
+from balancer.errors import PluginError
 
 
 @dataclasses.dataclass(frozen=True)

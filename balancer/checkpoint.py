@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 if TYPE_CHECKING:
-    from .optimizer import Balancer
+    from balancer.optimizer import Balancer
 
 __all__ = ["BalancerState"]
 

@@ -34,9 +34,9 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError
 
-from .errors import ConfigError, PluginLoadError
-from .plugin import Plugin
-from .registry import Registry, default_registry
+from balancer.contract.plugin import Plugin
+from balancer.contract.registry import Registry, default_registry
+from balancer.errors import ConfigError, PluginLoadError
 
 __all__ = [
     "BalancerConfig",

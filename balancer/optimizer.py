@@ -24,19 +24,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._checks import check_graph_leaves, check_group_name, check_loss, check_model_params
-from ._clip import ClipRequest, check_clip, clip_in_place, has_update_norm
-from ._state import load_balancer_section, make_balancer_section
-from ._step import StepPlan, check_plan, check_token, clip_route, measure, measured_clip, plan_step
-from .backend import Backend
-from .config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_config
-from .errors import CaptureError
-from .layer_capture import LayerCapture
-from .local import LocalBackend
-from .plugin import Plugin, State
-from .registry import Registry, default_registry
-from .stats import GroupStats
-from .taps import TapHub
+from balancer._checkpoint_section import load_balancer_section, make_balancer_section
+from balancer._checks import check_graph_leaves, check_group_name, check_loss, check_model_params
+from balancer._clip import ClipRequest, check_clip, clip_in_place, has_update_norm
+from balancer._step import StepPlan, check_plan, check_token, clip_route, measure, measured_clip, plan_step
+from balancer.capture.layer_capture import LayerCapture
+from balancer.capture.local import LocalBackend
+from balancer.capture.taps import TapHub
+from balancer.config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_config
+from balancer.contract.backend import Backend
+from balancer.contract.plugin import Plugin, State
+from balancer.contract.registry import Registry, default_registry
+from balancer.contract.stats import GroupStats
+from balancer.errors import CaptureError
 
 __all__ = ["Balancer"]
 
@@ -287,7 +287,7 @@ class Balancer(torch.optim.Optimizer):
 
         The exact group Gram matrix and the weighted update ``Σ_k w_k g_k`` are computed from the
         ``nn.Linear`` inputs and output gradients of this single backward pass, without any
-        per-group gradient (see :mod:`balancer.layer_capture`); ``step()`` then runs as usual.
+        per-group gradient (see :mod:`balancer.capture.layer_capture`); ``step()`` then runs as usual.
         Needs ``Balancer(..., model=model)`` whose trained parameters all belong to ``nn.Linear``
         layers, the local backend, and no ``group``/``backward`` capture in the same step. Several
         calls before ``step()`` accumulate exactly, and may be mixed with :meth:`backward_tasks`.
@@ -303,7 +303,7 @@ class Balancer(torch.optim.Optimizer):
 
         One backward pass per loss (every one but the last retains the graph) asks only for the
         gradients at the outputs of the ``nn.Linear`` calls; the group Gram matrix and the update
-        follow exactly from those and the calls' inputs (see :mod:`balancer.layer_capture`). Tasks
+        follow exactly from those and the calls' inputs (see :mod:`balancer.capture.layer_capture`). Tasks
         on a shared trunk share its inputs, so the trunk's cost does not grow with a copy per
         task. Same requirements as :meth:`backward_samples`.
         """
@@ -341,7 +341,7 @@ class Balancer(torch.optim.Optimizer):
         self._losses[name] = self._losses[name] + value if name in self._losses else value
 
     def tap(self, tensor: Tensor, group: str | Sequence[str], labels: Tensor | None = None) -> Tensor:
-        """Returns ``tensor`` unchanged; its gradient is shown to the tap plugins (see :mod:`balancer.taps`).
+        """Returns ``tensor`` unchanged; its gradient is shown to the tap plugins (see :mod:`balancer.capture.taps`).
 
         Args:
             tensor: rows along dimension 0 (e.g. ``[B]`` log-probabilities, ``[B, C]`` logits).

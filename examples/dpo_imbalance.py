@@ -19,8 +19,8 @@ steps, batches and optimizer (Adam, β = 0.1) for every method:
    Carlo estimates on sequences sampled from the policy; the mass outside the training
    responses is exact.
 
-Plain DPO is the Balancer without plugins on :func:`balancer.dpo.dpo_group_losses`, whose
-gradient is checked once per setting against :func:`balancer.dpo.dpo_loss` (``split_check``).
+Plain DPO is the Balancer without plugins on :func:`balancer.recipes.dpo.dpo_group_losses`, whose
+gradient is checked once per setting against :func:`balancer.recipes.dpo.dpo_loss` (``split_check``).
 The optimizer is Adam, as DPO is trained in practice; it normalises the overall step size, so
 the methods differ by how they balance chosen against rejected and weight the pairs, not by a
 global scale (under SGD the prob rule's side "rejected" would also mean smaller steps).
@@ -57,7 +57,7 @@ import torch
 from torch import Tensor
 
 from balancer import Balancer
-from balancer.dpo import dpo_group_losses, dpo_loss, dpo_metrics, sequence_logprobs, tap_pairs
+from balancer.recipes.dpo import dpo_group_losses, dpo_loss, dpo_metrics, sequence_logprobs, tap_pairs
 
 BETA = 0.1
 CLIP = 2.0  # the prob rule's C (the plugin's default)

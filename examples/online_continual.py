@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from balancer import Balancer
-from balancer.continual import ReservoirBuffer, mask_unseen
+from balancer.recipes.continual import ReservoirBuffer, mask_unseen
 
 TASKS, PER_TASK, CLASSES = 5, 2, 10
 STREAM_BATCH, MEMORY, REPLAY, BALANCED, CURRENT_REPLAY = 10, 100, 32, 32, 10

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from balancer import hookimpl
-from balancer.backend import Backend
+from balancer.contract.backend import Backend
 
 
 def _is_deepspeed_engine(target: Any) -> bool:

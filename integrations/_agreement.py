@@ -75,7 +75,7 @@ def _ranks(members: list[int]) -> str:
 
 class RankReductions:
     """Mixin for distributed backends that hold ``_agreement`` (a :class:`RankAgreement`) and
-    ``_world`` (the number of ranks): the reductions the :class:`~balancer.backend.Backend` seam asks for."""
+    ``_world`` (the number of ranks): the reductions the :class:`~balancer.contract.backend.Backend` seam asks for."""
 
     _agreement: RankAgreement
     _world: int

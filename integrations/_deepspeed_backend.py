@@ -14,9 +14,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from balancer.backend import Backend
+from balancer.capture.flat_buffer import (
+    abs_max,
+    rescaled_entries,
+    rows_to_rescale,
+    stacked_gram,
+    stacked_row,
+    with_rows,
+)
+from balancer.contract.backend import Backend
 from balancer.errors import BalancerError, CaptureError
-from balancer.flat_buffer import abs_max, rescaled_entries, rows_to_rescale, stacked_gram, stacked_row, with_rows
 
 from ._agreement import RankAgreement, RankReductions
 from ._deepspeed_checkpoints import wrap_checkpoints

@@ -2,7 +2,7 @@
 
 :func:`wrap_checkpoints` replaces ``save_checkpoint`` and ``load_checkpoint`` on one engine
 instance. Saving adds ``client_state["balancer"]`` (the section of
-:func:`balancer._state.make_balancer_section`; DeepSpeed writes it once, in the model-states
+:func:`balancer._checkpoint_section.make_balancer_section`; DeepSpeed writes it once, in the model-states
 file); loading takes it out again and restores it into the Balancer. Both need the Balancer the
 engine's backend belongs to, which the Balancer announces to its backend (``Backend.attach``).
 """

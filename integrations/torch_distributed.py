@@ -35,9 +35,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
+from balancer.capture.flat_buffer import FlatBuffer, TensorKind
+from balancer.capture.local import LocalBackend
 from balancer.errors import CaptureError
-from balancer.flat_buffer import FlatBuffer, TensorKind
-from balancer.local import LocalBackend
 
 from ._agreement import RankAgreement, RankReductions
 from ._ddp_passes import PassChecks

@@ -13,13 +13,13 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from balancer.plugin import InvalidStateError, State
+from balancer.contract.plugin import InvalidStateError, State
 
 __all__ = ["NamedIndex", "check_named_state", "check_nonnegative", "check_scalars_by_name"]
 
 
 def check_named_state(state: State, vectors: Sequence[str] = (), matrices: Sequence[str] = ()) -> None:
-    """Raises :class:`~balancer.plugin.InvalidStateError` unless ``state["names"]`` lists distinct
+    """Raises :class:`~balancer.contract.plugin.InvalidStateError` unless ``state["names"]`` lists distinct
     group names and every tensor of ``vectors`` (``matrices``) has one entry (row and column) per name."""
     names = state["names"]
     if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
@@ -33,7 +33,7 @@ def check_named_state(state: State, vectors: Sequence[str] = (), matrices: Seque
 
 
 def check_scalars_by_name(values: object, path: str) -> None:
-    """Raises :class:`~balancer.plugin.InvalidStateError` unless ``values`` maps group names to
+    """Raises :class:`~balancer.contract.plugin.InvalidStateError` unless ``values`` maps group names to
     0-dimensional floating tensors that are not negative (an EMA of norms, bargaining weights)."""
     if not isinstance(values, dict):
         raise InvalidStateError(path, f"found {values!r}; expected a dict of group names")
@@ -49,7 +49,7 @@ def check_scalars_by_name(values: object, path: str) -> None:
 
 
 def check_nonnegative(value: Tensor | int, path: str) -> None:
-    """Raises :class:`~balancer.plugin.InvalidStateError` at the first negative entry of ``value``."""
+    """Raises :class:`~balancer.contract.plugin.InvalidStateError` at the first negative entry of ``value``."""
     if isinstance(value, int):  # a Python count, of any size
         if value < 0:
             raise InvalidStateError(path, f"found {value}; this count cannot be negative")

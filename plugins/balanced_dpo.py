@@ -6,7 +6,7 @@ propose a gradient reweighting ("Balanced-DPO"). **Their exact formula could not
 obtained**; this plugin implements two well-defined rules derived from the DPO gradient and
 does not claim either is the paper's.
 
-With ``u = β (s_w − s_l)`` (see :mod:`balancer.dpo`), the DPO gradient is
+With ``u = β (s_w − s_l)`` (see :mod:`balancer.recipes.dpo`), the DPO gradient is
 ``−β σ(−u) (∇log π_w − ∇log π_l)``: balanced in log-probability space, but
 
 * in **parameter space** the two groups ``G_w = −c ∇log π_w`` and ``G_l = +c ∇log π_l`` have
@@ -26,7 +26,7 @@ their mean norm, partially with exponent ``alpha`` and optionally on EMA norms (
 <balancer.plugins.TaskNorm>` restricted to the two groups (other groups keep their weights).
 
 ``"prob"`` (probability space, at the log-prob taps). Tap both sides with
-:func:`balancer.dpo.tap_pairs`. Per pair, the chosen-side gradient is multiplied by
+:func:`balancer.recipes.dpo.tap_pairs`. Per pair, the chosen-side gradient is multiplied by
 ``f = min(C, π_w/π_l)`` (``side="chosen"``, the default), which makes ``|∂L/∂π_w| = |∂L/∂π_l|``
 up to the clip ``C`` (default 2, the clip AdaDPO summaries report), or the rejected side by
 ``clamp(π_l/π_w, 1/C, C)`` (``side="rejected"``: the same chosen/rejected balance by damping
@@ -65,9 +65,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
-from balancer.plugin import InvalidStateError
-from balancer.taps import TapEvent
+from balancer import GroupStats, Plugin, PluginOptions, State, TapEvent
+from balancer.contract.plugin import InvalidStateError
 
 from ._options import refuse_ignored
 from .task_norm import TaskNorm
@@ -97,7 +96,7 @@ class BalancedDPOOptions(PluginOptions):
         if self.chosen == self.rejected:
             raise ValueError(
                 f"chosen and rejected are both {self.chosen!r}: the two sides must be different groups. "
-                "Name the chosen and the rejected group as captured (see balancer.dpo.dpo_group_losses)."
+                "Name the chosen and the rejected group as captured (see balancer.recipes.dpo.dpo_group_losses)."
             )
         if self.rule == "norm":
             refuse_ignored(
@@ -224,7 +223,9 @@ class BalancedDPO(Plugin):
             add[n] = mask.sum()
         if opts.rule == "prob":
             if event.labels is None:
-                raise ValueError("balanced_dpo rule='prob' pairs rows by labels: tap with balancer.dpo.tap_pairs.")
+                raise ValueError(
+                    "balanced_dpo rule='prob' pairs rows by labels: tap with balancer.recipes.dpo.tap_pairs."
+                )
             factor, paired = self._pair_factors(value, is_w, is_l, event.labels.long())
             scaled = is_w if opts.side == "chosen" else is_l
             row_factor = torch.where(scaled & reached, factor[event.labels.long()], 1.0)

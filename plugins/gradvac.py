@@ -7,7 +7,7 @@ from pydantic import Field
 from torch import Tensor
 
 from balancer import GroupStats, Plugin, PluginOptions, State
-from balancer.plugin import InvalidStateError
+from balancer.contract.plugin import InvalidStateError
 
 from ._gram import weighted_gram
 from ._named import NamedIndex, check_named_state

@@ -23,9 +23,8 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from balancer import Balancer, Plugin, PluginOptions, State
-from balancer.plugin import InvalidStateError
-from balancer.taps import TapEvent
+from balancer import Balancer, Plugin, PluginOptions, State, TapEvent
+from balancer.contract.plugin import InvalidStateError
 
 from ._named import check_nonnegative
 from ._options import refuse_ignored

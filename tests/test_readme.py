@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from balancer import Balancer, Registry
-from balancer.testing import check_plugin
+from balancer.contract.testing import check_plugin
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

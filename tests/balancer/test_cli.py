@@ -1,5 +1,5 @@
 """The ``balancer`` command: ``plugins`` (table and JSON), ``config-schema``, ``demo`` errors and
-usage, called through ``balancer.cli.main``, plus one run of the installed console script."""
+usage, called through ``balancer.tools.cli.main``, plus one run of the installed console script."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 import balancer
-import balancer.registry
+import balancer.contract.registry
 from balancer import Plugin, Registry
-from balancer.cli import main
 from balancer.plugins import BUILTIN_PLUGINS, TaskNorm
+from balancer.tools.cli import main
 
 OWN = "gradient-balancer"
 TASK_NORM_SUMMARY = inspect.getdoc(TaskNorm).splitlines()[0]
@@ -60,7 +60,7 @@ def with_echo_installed(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CLI sees this project plus a fake third-party package, through a fresh default registry."""
     dists = [importlib.metadata.distribution(OWN), FakeDistribution()]
     monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter(dists))
-    monkeypatch.setattr(balancer.registry, "default_registry", Registry())
+    monkeypatch.setattr(balancer.contract.registry, "default_registry", Registry())
     monkeypatch.delenv("BALANCER_DISABLE_PLUGIN_AUTOLOAD", raising=False)
 
 
@@ -115,7 +115,7 @@ def test_plugins_json_lists_every_field(with_echo_installed, capsys) -> None:
 
 def test_plugins_with_nothing_installed_says_so(monkeypatch, capsys) -> None:
     monkeypatch.setattr(importlib.metadata, "distributions", lambda: iter([]))
-    monkeypatch.setattr(balancer.registry, "default_registry", Registry())
+    monkeypatch.setattr(balancer.contract.registry, "default_registry", Registry())
 
     assert main(["plugins"]) == 0
     assert capsys.readouterr().out == "No plugins found.\n"

@@ -8,11 +8,11 @@ import math
 
 import pytest
 
-from balancer._demo_summary import spearman, summarize
-from balancer._demo_tasks import TASKS
-from balancer.cli import main
-from balancer.metrics import read_metrics
-from balancer.split_half import half_groups
+from balancer.demo.summary import spearman, summarize
+from balancer.demo.tasks import TASKS
+from balancer.recipes.split_half import half_groups
+from balancer.tools.cli import main
+from balancer.tools.metrics import read_metrics
 
 QUICK_STEPS = 24
 TASK_NAMES = [t.name for t in TASKS]

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer import Balancer
-from balancer.dpo import dpo_group_losses, dpo_loss, dpo_metrics, sequence_logprobs, tap_pairs
+from balancer.recipes.dpo import dpo_group_losses, dpo_loss, dpo_metrics, sequence_logprobs, tap_pairs
 
 
 def _lm(seed=0):

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-import balancer._layer_gram as layer_gram
+import balancer.capture.layer_gram as layer_gram
 from balancer import Balancer, CaptureError, NonFiniteGradientWarning
 
 TOL = dict(rtol=1e-10, atol=1e-10)
@@ -579,7 +579,7 @@ def test_a_parameter_group_added_later_is_checked():
 
 def test_other_backends_are_refused():
     """Cross-rank Gram terms would need every rank's layer inputs: only the local backend is supported."""
-    from balancer.local import LocalBackend
+    from balancer.capture.local import LocalBackend
 
     class Sharded(LocalBackend):  # stands for the DDP / FSDP / DeepSpeed backends
         pass

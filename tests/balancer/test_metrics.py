@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from balancer import Balancer
-from balancer.metrics import MetricsLogger, read_metrics
-from balancer.split_half import pool_halves, split_half_sq_norms
+from balancer.recipes.split_half import pool_halves, split_half_sq_norms
+from balancer.tools.metrics import MetricsLogger, read_metrics
 
 
 def _step(opt: Balancer, model: torch.nn.Module, scale: float) -> None:

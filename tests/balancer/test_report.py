@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from balancer import Balancer, GroupStats
-from balancer.cli import main
-from balancer.metrics import MetricsLogger
-from balancer.report import write_report
+from balancer.tools.cli import main
+from balancer.tools.metrics import MetricsLogger
+from balancer.tools.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

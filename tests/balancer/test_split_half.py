@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from balancer import Balancer, GroupStats, StateDictError
-from balancer.split_half import SplitHalf, half_groups, pool_halves, split_half_sq_norms, task_layout
-from balancer.testing import check_plugin
+from balancer.contract.testing import check_plugin
+from balancer.recipes.split_half import SplitHalf, half_groups, pool_halves, split_half_sq_norms, task_layout
 
 
 def test_split_half_estimate_is_unbiased_and_the_naive_norm_is_not():

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from balancer import Balancer, BalancerWarning, CaptureError, Plugin, PluginError, PluginOptions
-from balancer.taps import TapEvent
+from balancer.contract.tap_event import TapEvent
 
 
 class RowScale(Plugin):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from balancer import Plugin
-from balancer.testing import check_plugin, tap_event
+from balancer.contract.testing import check_plugin, tap_event
 
 
 class _Base(Plugin):

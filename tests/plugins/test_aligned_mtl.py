@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from balancer import Balancer, ConfigError, GroupStats
+from balancer.contract.testing import check_plugin
 from balancer.plugins import AlignedMTL
-from balancer.testing import check_plugin
 
 F64 = torch.float64
 EPS = torch.finfo(F64).eps

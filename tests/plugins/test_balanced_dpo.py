@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from balancer import Balancer, ConfigError, GroupStats, PluginError
-from balancer.dpo import dpo_group_losses, tap_pairs
+from balancer.contract.testing import check_plugin, tap_event
 from balancer.plugins import BalancedDPO
-from balancer.testing import check_plugin, tap_event
+from balancer.recipes.dpo import dpo_group_losses, tap_pairs
 
 BETA = 0.1
 

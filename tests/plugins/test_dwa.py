@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from balancer import Balancer, ConfigError, GroupStats
+from balancer.contract.testing import check_plugin
 from balancer.plugins import DWA
-from balancer.testing import check_plugin
 
 F64 = torch.float64
 

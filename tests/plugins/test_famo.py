@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from balancer import Balancer, ConfigError, GroupStats
+from balancer.contract.testing import check_plugin
 from balancer.plugins import FAMO
-from balancer.testing import check_plugin
 
 F64 = torch.float64
 

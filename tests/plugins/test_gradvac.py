@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from balancer import Balancer, ConfigError, GroupStats
+from balancer.contract.testing import check_plugin
 from balancer.plugins import GradVac
 from balancer.plugins._pairwise import to_gradient_weights, unit_cosines
 from balancer.plugins._seeded import random_orders
 from balancer.plugins.gradvac import gradvac_coefficients
-from balancer.testing import check_plugin
 
 F64 = torch.float64
 CPU = torch.device("cpu")

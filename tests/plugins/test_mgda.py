@@ -8,8 +8,8 @@ import torch
 from scipy.optimize import minimize
 
 from balancer import Balancer, ConfigError
+from balancer.contract.testing import check_plugin
 from balancer.plugins import MGDA
-from balancer.testing import check_plugin
 
 f64 = torch.float64
 

@@ -11,8 +11,8 @@ import torch
 from scipy.optimize import minimize, root
 
 from balancer import Balancer, ConfigError, GroupStats
+from balancer.contract.testing import check_plugin
 from balancer.plugins import NashMTL
-from balancer.testing import check_plugin
 
 f64 = torch.float64
 

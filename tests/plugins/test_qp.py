@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from scipy.optimize import minimize, nnls
 
 import balancer.plugins._qp as qp
+from balancer.contract.testing import _no_host_sync
 from balancer.plugins._qp import kkt_residual, min_norm_point, solve_nonneg_qp
-from balancer.testing import _no_host_sync
 
 f64 = torch.float64
 

@@ -10,10 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from balancer import Balancer, ConfigError, PluginError
+from balancer.contract.tap_event import TapEvent
+from balancer.contract.testing import check_plugin, tap_event
 from balancer.plugins import ReplayBias
 from balancer.plugins.replay_bias import class_bias
-from balancer.taps import TapEvent
-from balancer.testing import check_plugin, tap_event
 
 INF = float("inf")
 
@@ -308,7 +308,7 @@ def test_conformance_of_the_pass_through_update_and_the_tap():
 
 
 def test_tap_and_merge_do_not_synchronise_with_the_device():
-    from balancer.testing import _no_host_sync
+    from balancer.contract.testing import _no_host_sync
 
     plugin = ReplayBias(warmup=1)
     state, stats = plugin.init(), plugin.init_tap_stats()

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from balancer import Balancer, ConfigError, GroupStats
+from balancer.contract.testing import check_plugin
 from balancer.plugins import RLW
 from balancer.plugins import rlw as rlw_module
 from balancer.plugins._seeded import group_normals, stable_seed
-from balancer.testing import check_plugin
 
 F64 = torch.float64
 CPU = torch.device("cpu")

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from balancer import GroupStats
-from balancer.plugin import InvalidStateError
+from balancer.contract.plugin import InvalidStateError
+from balancer.contract.testing import random_stats
 from balancer.plugins import BUILTIN_PLUGINS, DWA, FAMO, MGDA, BalancedDPO, GradVac, NashMTL, ReplayBias, TaskNorm
-from balancer.testing import random_stats
 
 
 def _run(plugin, steps=3, k=3, losses=True):

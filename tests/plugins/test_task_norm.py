@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from balancer import Balancer, ConfigError, GroupStats
+from balancer.contract.testing import check_plugin, random_stats
 from balancer.plugins import TaskNorm
-from balancer.testing import check_plugin, random_stats
 
 
 def _norm_stats(norms, names=None, step=0):

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from balancer import Balancer, ConfigError
+from balancer.contract.testing import check_plugin
 from balancer.plugins import UPGrad
-from balancer.testing import check_plugin
 
 f64 = torch.float64
 

@@ -1,6 +1,6 @@
 """The plugin protocol: options model, explicit state, ``init`` and ``update``.
 
-A plugin turns :class:`~balancer.stats.GroupStats` and the weights produced so far into new
+A plugin turns :class:`~balancer.contract.stats.GroupStats` and the weights produced so far into new
 weights. It never keeps mutable state in attributes: ``init()`` returns the initial state and
 ``update()`` returns the new one, which the :class:`~balancer.Balancer` stores, checkpoints and
 hands back next step. State holds tensors and Python scalars only (nested in dicts, lists or
@@ -33,8 +33,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from .stats import GroupStats
-from .taps import TapEvent
+from balancer.contract.stats import GroupStats
+from balancer.contract.tap_event import TapEvent
 
 __all__ = ["InvalidStateError", "Plugin", "PluginOptions", "State", "check_state_like", "check_state_types"]
 

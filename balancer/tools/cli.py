@@ -7,9 +7,9 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .config import config_schema
-from .errors import BalancerError
-from .registry import list_plugins
+from balancer.config import config_schema
+from balancer.contract.registry import list_plugins
+from balancer.errors import BalancerError
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -37,7 +37,7 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from balancer.demo.run import run_demo
 
     return run_demo(
         steps=args.steps,
@@ -51,7 +51,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from balancer.tools.report import write_report
 
     try:
         out = write_report(args.log, args.output, smooth=args.smooth)
@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--threads", type=_positive_int, default=1, help="torch threads while training (default 1)")
     d.set_defaults(func=_cmd_demo)
     r = sub.add_parser("report", help="plot a metrics log (one column per run) into a PNG")
-    r.add_argument("log", help="a metrics.jsonl written by balancer.metrics.MetricsLogger or balancer demo")
+    r.add_argument("log", help="a metrics.jsonl written by balancer.tools.metrics.MetricsLogger or balancer demo")
     r.add_argument("-o", "--output", default="report.png", help="the PNG to write (default report.png)")
     r.add_argument("--smooth", type=_positive_int, help="moving-average window in steps (default: 1/15 of the run)")
     r.set_defaults(func=_cmd_report)

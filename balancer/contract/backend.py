@@ -1,7 +1,7 @@
 """The backend seam: where group gradients live and how their statistics are reduced.
 
 The :class:`~balancer.Balancer` core only talks to a :class:`Backend`. The local backend
-(:mod:`balancer.local`) keeps one flat ``[k, n]`` buffer per (device, dtype); distributed
+(:mod:`balancer.capture.local`) keeps one flat ``[k, n]`` buffer per (device, dtype); distributed
 backends (DDP, FSDP2, DeepSpeed ZeRO, in ``balancer.integrations``) keep each rank's share of
 the reduced group gradients and add one all-reduce of the packed Gram matrix.
 
@@ -21,7 +21,7 @@ and the ungrouped gradient back as they were, so a failed step can be retried.
 
 A backend is chosen from what ``Balancer(...)`` is given: integrations implement the hook
 ``balancer_make_backend(target)``; a plain ``torch.optim.Optimizer`` that no integration claims
-gets the :class:`~balancer.local.LocalBackend`.
+gets the :class:`~balancer.capture.local.LocalBackend`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .metrics import read_metrics
+from balancer.tools.metrics import read_metrics
 
 __all__ = ["write_report"]
 
@@ -114,7 +114,7 @@ def write_report(log: str | Path, out: str | Path, *, smooth: int | None = None,
     """
     runs = read_metrics(log)
     if not runs:
-        raise ValueError(f"{log}: no metrics records; write some with balancer.metrics.MetricsLogger.")
+        raise ValueError(f"{log}: no metrics records; write some with balancer.tools.metrics.MetricsLogger.")
     tasks = _tasks(runs)
     longest = max(len(r) for r in runs.values())
     width = smooth if smooth is not None else max(1, longest // 15)

@@ -1,7 +1,7 @@
 """The local backend: group gradients of one process in flat ``[k, n]`` buffers.
 
 Inside ``with opt.group(name)`` the backward passes' gradients go to ``name``'s row of one flat
-buffer per (device, dtype) (:mod:`balancer.flat_buffer`); the ungrouped gradients are set aside
+buffer per (device, dtype) (:mod:`balancer.capture.flat_buffer`); the ungrouped gradients are set aside
 and restored when the block ends. At step time one Gram product and one GEMV per buffer turn
 the rows into ``ungrouped + Σ_k w_k g_k``, written where the inner optimizer reads ``.grad``.
 
@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .backend import Backend, NaNFlag
-from .errors import BalancerWarning, CaptureError
-from .flat_buffer import FlatBuffer, TensorKind, rows_to_rescale, with_rows
+from balancer.capture.flat_buffer import FlatBuffer, TensorKind, rows_to_rescale, with_rows
+from balancer.contract.backend import Backend, NaNFlag
+from balancer.errors import BalancerWarning, CaptureError
 
 __all__ = ["FlatBuffer", "LocalBackend", "TensorKind"]
 
@@ -234,7 +234,7 @@ class LocalBackend(Backend):
         """Rows that are exactly zero are right already (their entries are exact zeros), and rows
         holding NaN/inf are non-finite indeed; for the others (finite, nonzero, overflowed or
         underflowed in the fast path) the entries are recomputed from the row scaled by its
-        largest magnitude (:func:`~balancer.flat_buffer.rescaled_entries`): one more pass over the
+        largest magnitude (:func:`~balancer.capture.flat_buffer.rescaled_entries`): one more pass over the
         rows, on those rare steps only."""
         m = len(self._names)
         ungrouped = gram.shape[0] == m + 1

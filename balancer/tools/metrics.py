@@ -2,7 +2,7 @@
 
 ``MetricsLogger(path, run="baseline").log(opt, step=t, extra={...})`` appends what the Balancer
 saw in that step: per-group gradient norms, cosines, weights and losses, the same per task
-(halves ``"x/A"``, ``"x/B"`` pooled into task ``"x"``, see :mod:`balancer.split_half`), the
+(halves ``"x/A"``, ``"x/B"`` pooled into task ``"x"``, see :mod:`balancer.recipes.split_half`), the
 split-half estimate of each task's squared gradient norm, and the step's imbalance ratio
 ``max_k ‖g_k‖² / min_k ‖g_k‖²`` of the naive task norms (``null`` when a task's gradient is
 zero), the statistic Wu et al. (*Imbalanced Gradients in RL Post-Training of Multi-Task LLMs*,
@@ -32,9 +32,9 @@ from typing import IO, TYPE_CHECKING, Any
 
 import torch
 
-from .optimizer import Balancer
-from .split_half import pool_halves, split_half_sq_norms
-from .stats import GroupStats
+from balancer.contract.stats import GroupStats
+from balancer.optimizer import Balancer
+from balancer.recipes.split_half import pool_halves, split_half_sq_norms
 
 if TYPE_CHECKING:
     from typing_extensions import Self

@@ -3,7 +3,7 @@
 On save every plugin state must hold only what ``torch.load(weights_only=True)`` reads back. On
 load the section is validated before anything is restored: its structure (``format``, ``step``,
 ``rows``, ``plugins``, ``states``), the plugin list against the configured one, and each plugin's
-state with :meth:`Plugin.check_state <balancer.plugin.Plugin.check_state>` (the structure of its
+state with :meth:`Plugin.check_state <balancer.contract.plugin.Plugin.check_state>` (the structure of its
 ``init()``, finite values except declared "unknown" markers). Every problem is a
 :class:`~balancer.errors.StateDictError` naming the field (``balancer.states.task_norm.ema_norms.math``),
 the value found and the fix.
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from ._copy import map_tensors
-from .errors import StateDictError
-from .plugin import InvalidStateError, Plugin, State, check_state_types
+from balancer._copy import map_tensors
+from balancer.contract.plugin import InvalidStateError, Plugin, State, check_state_types
+from balancer.errors import StateDictError
 
 FORMAT_VERSION = 1
 
@@ -55,7 +55,7 @@ def make_balancer_section(
             raise StateDictError(
                 f"Cannot save the state of plugin `{p.name}`: {_field(f'balancer.states.{p.name}', exc.path)}: "
                 f"{exc.problem}. This is a bug in the plugin: its init()/update() must return such values "
-                "(run balancer.testing.check_plugin on it)."
+                "(run balancer.contract.testing.check_plugin on it)."
             ) from None
     return {
         "format": FORMAT_VERSION,
@@ -94,7 +94,8 @@ def _structure_problems(section: dict[Any, Any]) -> list[str]:
     if not _is_int(rows) or not 0 <= rows <= MAX_ROWS:
         problems.append(
             f"{_found(section, 'rows')}; it must be the most groups captured in one step, an int from 0 to "
-            f"{MAX_ROWS} (see balancer._state.MAX_ROWS). It is an optional hint: delete the entry to load the "
+            f"{MAX_ROWS} (see balancer._checkpoint_section.MAX_ROWS). It is an optional hint: delete the entry to "
+            "load the "
             "rest (the first steps after the resume then sum in another order, equal to rounding)"
         )
     entries = section.get("plugins")

@@ -2,11 +2,11 @@
 
 Reproduces, in miniature and on CPU, the measurement of Wu et al., *Imbalanced Gradients in RL
 Post-Training of Multi-Task LLMs* (arXiv 2510.19178): one policy post-trained with GRPO on
-several tasks at once (:mod:`balancer._grpo`, tasks in :mod:`balancer._demo_tasks`), each task's
-squared gradient norm estimated without bias every step (:mod:`balancer.split_half`), next to
+several tasks at once (:mod:`balancer.demo.grpo`, tasks in :mod:`balancer.demo.tasks`), each task's
+squared gradient norm estimated without bias every step (:mod:`balancer.recipes.split_half`), next to
 its learning gain and its reward and advantage statistics. Then the same run (same seed, same
 initial policy) with the plugins named on the command line, ``task_norm`` by default. Both runs
-go to one metrics log (:mod:`balancer.metrics`) and one figure (:mod:`balancer.report`).
+go to one metrics log (:mod:`balancer.tools.metrics`) and one figure (:mod:`balancer.tools.report`).
 """
 
 from __future__ import annotations
@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ._demo_summary import format_comparison, format_run, summarize
-from ._demo_tasks import TASKS
-from ._grpo import GRPOConfig, LossNorm, train
-from .config import build_plugins
-from .errors import ConfigError
-from .metrics import MetricsLogger, read_metrics
-from .optimizer import Balancer
-from .report import write_report
+from balancer.config import build_plugins
+from balancer.demo.grpo import GRPOConfig, LossNorm, train
+from balancer.demo.summary import format_comparison, format_run, summarize
+from balancer.demo.tasks import TASKS
+from balancer.errors import ConfigError
+from balancer.optimizer import Balancer
+from balancer.tools.metrics import MetricsLogger, read_metrics
+from balancer.tools.report import write_report
 
 __all__ = ["DEFAULT", "QUICK", "run_demo"]
 

@@ -12,7 +12,7 @@ Each backward pass asks ``torch.autograd.grad`` for the gradient ``Δ`` at the o
 linear call in the graph, which skips the parameter gradients entirely; the call's input ``X``
 is read from the graph (the ``addmm``/``mm`` node's saved input). A group's weight gradient is
 ``Σ δ_r x_rᵀ`` over its rows, so the Gram matrix and the update ``Σ_k w_k g_k`` follow exactly
-from ``X`` and ``Δ`` (see :mod:`balancer._layer_gram` for the three forms and their costs):
+from ``X`` and ``Δ`` (see :mod:`balancer.capture.layer_gram` for the three forms and their costs):
 no ``[k, n]`` buffer, and with several tasks the shared trunk's ``X`` serves every task.
 Memory: ``X`` and ``Δ`` of every call until ``step()`` (about the linear layers' activations,
 times the number of losses that reach them).
@@ -33,12 +33,12 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from ._checks import check_group_name, check_loss
-from ._layer_gram import Call, Piece, constant_piece, weighted_delta, work
-from ._layer_gram import gram as layer_gram
-from .backend import Backend, NaNFlag
-from .errors import CaptureError
-from .local import LocalBackend
+from balancer._checks import check_group_name, check_loss
+from balancer.capture.layer_gram import Call, Piece, constant_piece, weighted_delta, work
+from balancer.capture.layer_gram import gram as layer_gram
+from balancer.capture.local import LocalBackend
+from balancer.contract.backend import Backend, NaNFlag
+from balancer.errors import CaptureError
 
 __all__ = ["LayerCapture"]
 

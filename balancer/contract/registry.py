@@ -1,7 +1,7 @@
 """Plugin discovery: entry points of the group ``balancer``, loaded lazily, once, one at a time.
 
 Every package (this one included: the built-in plugins come in through the same entry point
-group) exposes a module or object implementing :func:`balancer.hookspecs.balancer_register_plugins`.
+group) exposes a module or object implementing :func:`balancer.contract.hookspecs.balancer_register_plugins`.
 A package that fails to load is reported with a :class:`~balancer.errors.PluginWarning` naming
 its distribution and the others keep working; ``BALANCER_STRICT_PLUGINS=1`` turns the warning
 into a :class:`~balancer.errors.PluginLoadError`. ``BALANCER_DISABLE_PLUGIN_AUTOLOAD=1`` skips the
@@ -36,9 +36,9 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .errors import PluginLoadError, PluginWarning
-from .plugin import Plugin, PluginOptions
+from balancer.contract import hookspecs
+from balancer.contract.plugin import Plugin, PluginOptions
+from balancer.errors import PluginLoadError, PluginWarning
 
 __all__ = ["PluginInfo", "Registry", "default_registry", "list_plugins"]
 

@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .plugin import Plugin, State
-from .stats import GroupStats
-from .taps import TapEvent, row_groups
+from balancer.capture.taps import row_groups
+from balancer.contract.plugin import Plugin, State
+from balancer.contract.stats import GroupStats
+from balancer.contract.tap_event import TapEvent
 
 __all__ = ["check_plugin", "random_stats", "tap_event"]
 
@@ -232,7 +233,7 @@ def tap_event(
     *,
     seed: int = 0,
 ) -> TapEvent:
-    """A :class:`~balancer.taps.TapEvent` as ``opt.tap(value, group=group, labels=labels)`` would
+    """A :class:`~balancer.capture.taps.TapEvent` as ``opt.tap(value, group=group, labels=labels)`` would
     produce it; ``grad`` defaults to a random gradient of ``value``'s shape."""
     names, index = row_groups(value, group)
     if grad is None:

@@ -18,7 +18,7 @@ so a task's gradient grows with its answer length (as with Dr. GRPO's constant n
 π_old, then takes one optimizer step on each: the first step has ρ = 1, later ones are clipped.
 
 Each task's prompts are split in two halves captured as groups ``task/A`` and ``task/B`` whose
-losses add up to the task's loss (:mod:`balancer.split_half`): the Balancer's Gram matrix then
+losses add up to the task's loss (:mod:`balancer.recipes.split_half`): the Balancer's Gram matrix then
 gives the unbiased split-half estimate of ``‖E g_k‖²``, and :class:`SplitHalf` makes the plugins
 weigh tasks, not halves. The parameters of a step never saw that step's prompts, so the halves
 are independent given the parameters.
@@ -33,9 +33,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ._demo_tasks import DIGITS, Task, separator_token, task_token, vocab_size
-from .optimizer import Balancer
-from .split_half import SplitHalf, half_groups
+from balancer.demo.tasks import DIGITS, Task, separator_token, task_token, vocab_size
+from balancer.optimizer import Balancer
+from balancer.recipes.split_half import SplitHalf, half_groups
 
 __all__ = ["GRPOConfig", "Policy", "Rollouts", "rollout", "task_losses", "train"]
 

@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import build_plugins
-from .plugin import InvalidStateError, Plugin, State
-from .registry import Registry
-from .stats import GroupStats
+from balancer.config import build_plugins
+from balancer.contract.plugin import InvalidStateError, Plugin, State
+from balancer.contract.registry import Registry
+from balancer.contract.stats import GroupStats
 
 __all__ = ["SplitHalf", "half_groups", "pool_halves", "split_half_sq_norms", "task_layout"]
 

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from .backend import Backend
-    from .plugin import Plugin
+    from balancer.contract.backend import Backend
+    from balancer.contract.plugin import Plugin
 
 PROJECT_NAME = "balancer"
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
@@ -45,7 +45,7 @@ def balancer_register_plugins(register: Callable[[type[Plugin]], None]) -> None:
 
 @hookspec(firstresult=True)
 def balancer_make_backend(target: Any) -> Backend | None:
-    """Return a :class:`balancer.backend.Backend` for ``target``, or ``None`` to decline.
+    """Return a :class:`balancer.contract.backend.Backend` for ``target``, or ``None`` to decline.
 
     ``target`` is what was passed to ``Balancer(target, ...)``: a torch optimizer or a framework
     object such as a DeepSpeed engine. The first non-``None`` answer is used; when every

@@ -1,4 +1,4 @@
-"""The arithmetic of :mod:`balancer.layer_capture`: group Gram and weighted update of one
+"""The arithmetic of :mod:`balancer.capture.layer_capture`: group Gram and weighted update of one
 ``nn.Linear`` parameter from its calls' inputs ``X`` and the output gradients ``Δ``.
 
 A parameter's captured data is a list of :class:`Call` (one per use of the layer in the graph),

@@ -1,0 +1,7 @@
+"""``balancer demo``: multi-task GRPO on a toy language model, with and without balancing.
+
+- :mod:`~balancer.demo.tasks`: the toy tasks and their vocabulary;
+- :mod:`~balancer.demo.grpo`: the GRPO training loop on the Balancer;
+- :mod:`~balancer.demo.summary`: the comparison printed at the end;
+- :mod:`~balancer.demo.run`: ``run_demo``, what the CLI calls.
+"""

@@ -1,0 +1,1 @@
+"""The command line (``balancer``), the metrics log and its report."""
