@@ -27,16 +27,17 @@ from torch import Tensor
 from balancer._checkpoint_section import load_balancer_section, make_balancer_section
 from balancer._checks import check_graph_leaves, check_group_name, check_loss, check_model_params
 from balancer._clip import ClipRequest, check_clip, clip_in_place, has_update_norm
+from balancer._copy import copy_state
 from balancer._step import StepPlan, check_plan, check_token, clip_route, measure, measured_clip, plan_step
 from balancer.capture.layer_capture import LayerCapture
 from balancer.capture.local import LocalBackend
 from balancer.capture.taps import TapHub
 from balancer.config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_config
 from balancer.contract.backend import Backend
-from balancer.contract.plugin import Plugin, State
+from balancer.contract.plugin import InvalidStateError, Plugin, State, check_state_types
 from balancer.contract.registry import Registry, default_registry
 from balancer.contract.stats import GroupStats
-from balancer.errors import CaptureError
+from balancer.errors import CaptureError, PluginError
 
 __all__ = ["Balancer"]
 
@@ -198,6 +199,29 @@ class Balancer(torch.optim.Optimizer):
     def plugin_states(self) -> Mapping[str, State]:
         """Each plugin's current state, by plugin name (read-only view)."""
         return dict(self._plugin_states)
+
+    def update_plugin_state(self, name: str, change: Callable[[State], State]) -> None:
+        """Replaces plugin ``name``'s state by ``change(state)`` (``change`` gets a copy).
+
+        The new state is checked as a loaded one is (tensors and Python scalars only, and the
+        plugin's own :meth:`~balancer.Plugin.check_state`); if it is refused the state is left as
+        it was. Call it on every rank with the same change: plugin state must stay identical.
+        Example: ``ReplayBias.start_task(opt)`` resets the task step counter this way.
+        """
+        plugin = next((p for p in self._plugins if p.name == name), None)
+        if plugin is None:
+            raise KeyError(
+                f"update_plugin_state: no plugin named {name!r}; this Balancer has {[p.name for p in self._plugins]}."
+            )
+        new = change(copy_state(self._plugin_states[name]))
+        try:
+            check_state_types(new)
+            plugin.check_state(new)
+        except (InvalidStateError, ValueError, TypeError) as exc:
+            raise PluginError(
+                f"update_plugin_state({name!r}): plugin `{name}` refuses the new state: {exc}. State left as it was."
+            ) from None
+        self._plugin_states[name] = new
 
     @property
     def backend(self) -> Backend:

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from balancer import Balancer, Plugin, PluginOptions, State, TapEvent
+from balancer import Plugin, PluginOptions, State, TapEvent
 from balancer.contract.plugin import InvalidStateError
 
 from ._named import check_nonnegative
@@ -242,17 +242,14 @@ class ReplayBias(Plugin):
         return {"ant": ant, "weight": weight, "count": state["count"], "task_steps": state["task_steps"]}
 
     @classmethod
-    def start_task(cls, opt: Balancer) -> None:
-        """Starts a task now: the next ``warmup`` steps use weight 1. Call on every rank,
-        before the forward pass of the task's first step; the sums are kept."""
+    def start_task(cls, opt: Any) -> None:
+        """Starts a task now on the Balancer ``opt``: the next ``warmup`` steps use weight 1. Call
+        on every rank, before the forward pass of the task's first step; the sums are kept."""
         names = [p.name for p in opt.plugins if isinstance(p, cls)]
         if not names:
             raise ValueError(f"start_task: this Balancer has no replay_bias plugin (plugins: {opt.plugins}).")
-        section = opt.balancer_state_dict()
         for name in names:
-            state = section["states"][name]
-            section["states"][name] = {**state, "task_steps": torch.zeros_like(state["task_steps"])}
-        opt.load_balancer_state_dict(section)
+            opt.update_plugin_state(name, lambda state: {**state, "task_steps": torch.zeros_like(state["task_steps"])})
 
 
 def _rows(event: TapEvent, groups: tuple[str, ...] | None) -> Tensor:

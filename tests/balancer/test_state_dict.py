@@ -15,7 +15,7 @@ import torch
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from balancer import Balancer, Plugin, StateDictError
+from balancer import Balancer, Plugin, PluginError, StateDictError
 
 TRAIN = textwrap.dedent(
     """
@@ -380,3 +380,18 @@ def _saved_section_once():
 
 def _saved_section():
     return copy.deepcopy(_saved_section_once())
+
+
+def test_update_plugin_state_changes_one_state_and_refuses_a_bad_one():
+    model = torch.nn.Linear(3, 2)
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=[("task_norm", {"beta": 0.5, "target": "ema"})])
+    before = opt.plugin_states["task_norm"]
+    seen = []
+    opt.update_plugin_state("task_norm", lambda s: seen.append(s) or {**s, "ema_norms": {"a": torch.tensor(2.0)}})
+    assert seen[0] is not before  # the change gets a copy
+    assert opt.plugin_states["task_norm"]["ema_norms"]["a"].item() == 2.0
+    with pytest.raises(PluginError, match="refuses the new state.*State left as it was"):
+        opt.update_plugin_state("task_norm", lambda s: {**s, "ema_norms": {"a": torch.tensor(float("nan"))}})
+    assert opt.plugin_states["task_norm"]["ema_norms"]["a"].item() == 2.0
+    with pytest.raises(KeyError, match="no plugin named 'pcgrad'.*\\['task_norm'\\]"):
+        opt.update_plugin_state("pcgrad", lambda s: s)
