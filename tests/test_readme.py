@@ -1,4 +1,4 @@
-"""The README's self-contained examples run as written."""
+"""The README's examples, and the plugin-authoring example of docs/writing-plugins.md, run as written."""
 
 from __future__ import annotations
 
@@ -10,11 +10,13 @@ import torch
 from balancer import Balancer, Registry
 from balancer.contract.testing import check_plugin
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+WRITING_PLUGINS = ROOT / "docs" / "writing-plugins.md"
 
 
-def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+def _python_blocks(page: Path = README) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
 
 
 class _TinyLM(torch.nn.Module):
@@ -40,7 +42,7 @@ def test_usage_example_trains_two_groups():
 
 
 def test_plugin_authoring_example_registers_and_conforms():
-    block = next(b for b in _python_blocks() if "class Clip" in b)
+    block = next(b for b in _python_blocks(WRITING_PLUGINS) if "class Clip" in b)
     namespace: dict = {}
     exec(block, namespace)
     registry = Registry()

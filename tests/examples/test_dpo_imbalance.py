@@ -1,4 +1,4 @@
-"""Smoke test of ``examples/dpo_imbalance.py --quick``: it runs, checks the DPO split, writes the
+"""Smoke test of ``examples/experiments/dpo_imbalance.py --quick``: it runs, checks the DPO split, writes the
 JSON, the tables and the figure, and a seed gives the same numbers when rerun. Wall-clock times
 are never asserted (shared CI machines)."""
 
@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "dpo_imbalance.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "experiments" / "dpo_imbalance.py"
 SETTINGS = ("discrete", "autoregressive")
 METHODS = ("dpo", "norm", "prob_chosen", "prob_chosen_floor", "prob_rejected")
 FINAL_KEYS = {

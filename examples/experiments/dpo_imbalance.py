@@ -35,7 +35,7 @@ and the range of the factors the taps applied to each side.
 
 Run (2 CPU cores: about 2 minutes; ``--quick``: seconds)::
 
-    python examples/dpo_imbalance.py --plot docs/dpo-logprobs.png
+    python examples/experiments/dpo_imbalance.py --plot docs/dpo-logprobs.png
 
 It prints one markdown table per setting (mean ± sd over seeds) and writes
 ``OUT/results.json`` (every seed's curves and gradient statistics) and the figure. The same
