@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -10,6 +10,16 @@ from torch import Tensor
 
 from balancer.contract.stats import GroupStats
 from balancer.errors import CaptureError, PluginError
+
+
+def check_options(on_nonfinite: Any, max_grad_norm: Any, norm_type: Any) -> None:
+    """``Balancer(...)`` options that do not fit (the clip's own values are checked by ``ClipRequest``)."""
+    if on_nonfinite not in ("zero", "raise"):
+        raise ValueError(f"`on_nonfinite` must be 'zero' or 'raise'. Found `on_nonfinite = {on_nonfinite!r}`.")
+    if max_grad_norm is None and norm_type not in (2, 2.0):
+        raise ValueError(
+            f"`norm_type = {norm_type!r}` without `max_grad_norm` would be ignored: set max_grad_norm too."
+        )
 
 
 def check_group_name(name: Any) -> None:
@@ -29,6 +39,15 @@ def check_loss(name: str, loss: Any) -> None:
         raise CaptureError(
             f"The loss of group `{name}` does not require grad: it is not connected to any trained parameter."
         )
+
+
+def check_losses(method: str, losses: Any) -> None:
+    """``losses`` must be a non-empty ``{group name: scalar loss}`` dict (``method``: who asks)."""
+    if not isinstance(losses, Mapping) or not losses:
+        raise CaptureError(f"{method} takes a non-empty dict {{group name: scalar loss}}. Found `{losses!r}`.")
+    for name, loss in losses.items():
+        check_group_name(name)
+        check_loss(name, loss)
 
 
 def check_model_params(model: torch.nn.Module, trained: Iterable[Tensor]) -> None:

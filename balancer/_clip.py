@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from balancer.contract.backend import Backend
 from balancer.errors import CaptureError, NonFiniteGradientError
+
+if TYPE_CHECKING:
+    from balancer.capture.source import CaptureSource
 
 __all__ = ["ClipRequest", "check_clip", "clip_coefficient", "clip_in_place", "gram_norm"]
 
@@ -87,9 +90,9 @@ def gram_norm(gram: Tensor, weights: Tensor, scale: float, dropped: list[bool]) 
     return (v @ gram @ v).clamp_min(0.0).sqrt() * abs(scale)
 
 
-def has_update_norm(backend: Backend) -> bool:
-    """Whether ``backend`` can measure (and scale) the written update itself, beyond the Gram route."""
-    return type(backend).update_norm is not Backend.update_norm
+def has_update_norm(source: CaptureSource) -> bool:
+    """Whether ``source`` can measure (and scale) the written update itself, beyond the Gram route."""
+    return type(source).update_norm is not Backend.update_norm
 
 
 def check_clip(backend: Backend, request: ClipRequest, where: str) -> None:

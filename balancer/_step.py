@@ -2,9 +2,9 @@
 
 :func:`plan_step` reads the step's statistics, runs the plugins and computes the clip, changing
 nothing the user can see: the result is a :class:`StepPlan` (weights, the plugin states the step
-would leave, the factor the update gets, what ``last_stats`` becomes). ``Balancer.step`` then
-applies it (one combination, the inner optimizer's step) and commits it only when everything
-succeeded; if anything raises, the backend reverts ``.grad`` and the plan is dropped, so a retry
+would leave, the factor the update gets, what ``last_stats`` becomes). :mod:`balancer._run_step`
+then applies it (one combination, the inner optimizer's step) and commits it only when everything
+succeeded; if anything raises, the source reverts ``.grad`` and the plan is dropped, so a retry
 applies exactly one update. ``Balancer.clip_grad_norm_`` plans the step early to return the norm,
 and ``step`` uses that plan.
 """
@@ -12,20 +12,21 @@ and ``step`` uses that plan.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from balancer._clip import ClipRequest, clip_coefficient, gram_norm, has_update_norm
-from balancer._weighting import Verdict, read_verdict, run_plugins
-from balancer.contract.backend import Backend
+from balancer._step_warnings import refuse_nonfinite, report_nonfinite, warn_missing_losses, warn_silent_plugins
+from balancer._verdict import Verdict, read_verdict
+from balancer.contract.chain import run_plugins
 from balancer.contract.plugin import State
 from balancer.contract.stats import GroupStats
-from balancer.errors import BalancerWarning, CaptureError, NonFiniteGradientError, NonFiniteGradientWarning
+from balancer.errors import CaptureError
 
 if TYPE_CHECKING:
+    from balancer.capture.source import CaptureSource
     from balancer.optimizer import Balancer
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "measure",
     "measured_clip",
     "plan_step",
+    "show_scaler",
     "trusted_verdict",
 ]
 
@@ -67,7 +69,7 @@ def measured_clip(opt: Balancer, clip: ClipRequest | None) -> ClipRequest | None
     return None if report is None else ClipRequest.make(report)
 
 
-def clip_route(source: Backend, clip: ClipRequest | None, groups: int) -> str | None:
+def clip_route(source: CaptureSource, clip: ClipRequest | None, groups: int) -> str | None:
     """``"gram"`` (L2 from the Gram matrix), ``"combined"`` (norm of the written update) or None."""
     if clip is None:
         return None
@@ -76,19 +78,24 @@ def clip_route(source: Backend, clip: ClipRequest | None, groups: int) -> str | 
     return "combined"
 
 
-def measure(opt: Balancer, source: Backend, ungrouped: bool) -> tuple[Tensor, bool]:
-    """The step's Gram matrix, computed once per step (``_step_supports_amp_scaling`` may ask
+def measure(opt: Balancer, source: CaptureSource, ungrouped: bool) -> tuple[Tensor, bool]:
+    """The step's Gram matrix, computed once per step (:func:`show_scaler` may ask
     first), and whether it was refined already."""
-    cached = opt._measured
+    cached = opt._pending.measured
     if cached is not None and cached[1] == ungrouped:
         return cached[0], cached[2]
     gram = source.gram(ungrouped=ungrouped)
-    opt._measured = (gram, ungrouped, False)
+    opt._pending.measured = (gram, ungrouped, False)
     return gram, False
 
 
 def trusted_verdict(
-    opt: Balancer, source: Backend, ungrouped: bool, groups: int, found_inf: Tensor | None, grad_scale: Tensor | None
+    opt: Balancer,
+    source: CaptureSource,
+    ungrouped: bool,
+    groups: int,
+    found_inf: Tensor | None,
+    grad_scale: Tensor | None,
 ) -> tuple[Tensor, Verdict]:
     """The Gram matrix and the verdict (one host sync). On the rare steps whose fast Gram may be
     wrong (a diagonal entry not finite or below the backend's floor), the suspect rows are
@@ -98,7 +105,7 @@ def trusted_verdict(
     verdict = read_verdict(gram, groups, found_inf, grad_scale, device, 0.0 if refined else source.gram_floor)
     if verdict.suspect and not refined:
         gram = source.refine_gram(gram, verdict.suspect)
-        opt._measured = (gram, ungrouped, True)
+        opt._pending.measured = (gram, ungrouped, True)
         verdict = read_verdict(gram, groups, found_inf, grad_scale, device, 0.0)
     return gram, verdict
 
@@ -106,7 +113,7 @@ def trusted_verdict(
 def plan_step(opt: Balancer, clip: ClipRequest | None, grad_scale: Tensor | None, found_inf: Tensor | None) -> StepPlan:
     """Plans the step: statistics, verdict, plugins, clip. Writes nothing but, on the combined
     clip route, the update itself (reverted by the caller if the step fails)."""
-    source = opt._source()
+    source = opt._pending.source
     names = source.names
     k = len(names)
     report_only = clip is None  # a clip measured but not applied: the framework applies it
@@ -117,14 +124,14 @@ def plan_step(opt: Balancer, clip: ClipRequest | None, grad_scale: Tensor | None
         gram, verdict = trusted_verdict(opt, source, route == "gram", k, found_inf, grad_scale)
     else:
         verdict = read_verdict(None, 0, found_inf, grad_scale, source.stats_device)
-    nonfinite = [bad or name in opt._dropped for name, bad in zip(names, verdict.nonfinite, strict=True)]
+    nonfinite = [bad or name in opt._pending.dropped for name, bad in zip(names, verdict.nonfinite, strict=True)]
     verdict = dataclasses.replace(verdict, nonfinite=nonfinite)
     plan = StepPlan(names=names, verdict=verdict, factor=verdict.scale)
     if verdict.overflow or (grad_scale is not None and any(nonfinite)):
         plan.skip = True  # AMP overflow: skip, plugin state untouched; the scaler backs off
         return plan
-    _warn_silent_plugins(opt, k)
-    plan.states = opt._taps.merge(opt._plugin_states, opt._backend)
+    warn_silent_plugins(opt, k)
+    plan.states = opt._pending.taps.merge(opt._plugin_states, opt._backend)
     device = source.stats_device
     if k:
         assert gram is not None
@@ -141,7 +148,7 @@ def plan_step(opt: Balancer, clip: ClipRequest | None, grad_scale: Tensor | None
         total = source.update_norm(clip.norm_type)
     coef = clip_coefficient(total, clip.max_norm)
     if clip.error_if_nonfinite or opt.on_nonfinite == "raise":
-        _refuse_nonfinite(source, plan, total, clip)
+        refuse_nonfinite(source, plan, total, clip)
     if not report_only:
         if plan.combined:
             source.scale_update(coef)
@@ -153,10 +160,35 @@ def plan_step(opt: Balancer, clip: ClipRequest | None, grad_scale: Tensor | None
     return plan
 
 
-def check_token(opt: Balancer, plan: StepPlan, source: Backend) -> None:
+def show_scaler(opt: Balancer) -> None:
+    """Lets a ``GradScaler`` see the group gradients, which sit in their source, not in ``.grad``.
+
+    ``GradScaler.step`` reads ``_step_supports_amp_scaling`` right before it checks ``.grad`` for
+    inf/NaN: the ungrouped grads go to ``.grad`` and, if any group is non-finite, a NaN is planted
+    there (no host sync) so that the scaler skips the step and backs off. The scaler then passes
+    ``grad_scale``; the step folds 1/scale into the combination.
+    """
+    source = opt._pending.source
+    k = len(source.names)
+    if not k or opt._backend.active is not None:
+        return
+    plan = opt._pending.plan
+    poison: bool | Tensor
+    if plan is not None:  # clip_grad_norm_(scaler=...) planned the step
+        check_token(opt, plan, source)
+        poison = plan.skip
+    else:  # no host sync here: a Gram row that is not finite makes the scaler skip and back off
+        gram, _ = measure(opt, source, clip_route(source, measured_clip(opt, opt._clip), k) == "gram")
+        dropped = any(name in opt._pending.dropped for name in source.names)
+        poison = (~torch.isfinite(gram.diagonal()[:k]).all()) | dropped
+    if plan is None or not plan.combined:
+        source.expose_ungrouped(torch.as_tensor(poison, device=source.stats_device))
+
+
+def check_token(opt: Balancer, plan: StepPlan, source: CaptureSource) -> None:
     """Refuses a plan whose gradients changed since ``clip_grad_norm_`` measured them."""
     if plan.token != _CHECKED and source.capture_token() != plan.token:
-        opt._plan = None
+        opt._pending.plan = None
         raise CaptureError(
             "A backward pass added gradients after opt.clip_grad_norm_() measured the update, so the clip "
             "would be wrong. Clip after the last backward pass of the step, right before step()."
@@ -165,14 +197,14 @@ def check_token(opt: Balancer, plan: StepPlan, source: Backend) -> None:
 
 
 def check_plan(
-    opt: Balancer, plan: StepPlan, source: Backend, grad_scale: Tensor | None, found_inf: Tensor | None
+    opt: Balancer, plan: StepPlan, source: CaptureSource, grad_scale: Tensor | None, found_inf: Tensor | None
 ) -> None:
     """The plan ``clip_grad_norm_`` made must fit the step being taken: same gradients, same scale."""
     check_token(opt, plan, source)
     measured = plan.verdict.scale
     scale = 1.0 if grad_scale is None else 1.0 / float(grad_scale.item())
     if scale != measured:
-        opt._plan = None
+        opt._pending.plan = None
         raise CaptureError(
             f"opt.clip_grad_norm_() measured the gradients at loss scale {1 / measured:g}, but step() received "
             f"them at scale {1 / scale:g}. With a GradScaler pass it: opt.clip_grad_norm_(c, scaler=scaler), "
@@ -187,16 +219,16 @@ def _weigh(
 ) -> tuple[Tensor, dict[str, State], GroupStats]:
     """Stats of the present groups and the plugins' weights; non-finite groups get weight 0."""
     device = gram.device
-    source = opt._source()
+    pending = opt._pending
     nan = torch.tensor(float("nan"), dtype=torch.float64, device=device)
-    losses = source.reduce_losses(torch.stack([opt._losses.get(n, nan).to(device) for n in names]))
-    calls = tuple(opt._captures.get(n, 0) for n in names)
+    losses = opt._backend.reduce_losses(torch.stack([pending.losses.get(n, nan).to(device) for n in names]))
+    calls = tuple(pending.captures.get(n, 0) for n in names)
     full = GroupStats(names=names, gram=gram, losses=losses, backward_calls=calls, step=opt._step_count)
     dropped = [i for i, bad in enumerate(plan.verdict.nonfinite) if bad]
     if dropped:
-        _report_nonfinite(opt, [names[i] for i in dropped])
+        report_nonfinite(opt, [names[i] for i in dropped])
     keep = [i for i, bad in enumerate(plan.verdict.nonfinite) if not bad]
-    _warn_missing_losses(opt, [names[i] for i in keep])
+    warn_missing_losses(opt, [names[i] for i in keep])
     states = plan.states
     if not keep:  # every group is non-finite: nothing to weigh, the plugins are not asked
         weights = torch.zeros(0, dtype=torch.float64, device=device)
@@ -206,80 +238,6 @@ def _weigh(
     if dropped:
         index = torch.tensor(keep, dtype=torch.long, device=device)
         full_weights = torch.zeros(len(names), dtype=torch.float64, device=device).index_copy(0, index, weights)
-        opt._dropped.update(names[i] for i in dropped)
-        source.drop(dropped)
+        pending.dropped.update(names[i] for i in dropped)
+        pending.source.drop(dropped)
     return full_weights, states, dataclasses.replace(full, weights=full_weights)
-
-
-def _refuse_nonfinite(source: Backend, plan: StepPlan, total: Tensor, clip: ClipRequest) -> None:
-    if bool(torch.isfinite(total).item()):
-        return
-    if plan.combined:
-        source.revert()
-    raise NonFiniteGradientError(
-        f"The total {clip.norm_type}-norm of the update is {total.item()} (non-finite), so it cannot be clipped; "
-        "step refused, nothing changed. Check the ungrouped gradients and the losses, or clip with "
-        "error_if_nonfinite=False (the update then carries the NaN/inf, as torch.nn.utils.clip_grad_norm_ does)."
-    )
-
-
-def _report_nonfinite(opt: Balancer, bad_names: list[str]) -> None:
-    if opt.on_nonfinite == "raise":
-        raise NonFiniteGradientError(
-            f"Non-finite (NaN/inf) gradients in group(s) {bad_names}; step refused, parameters untouched. "
-            "Check these groups' losses, or use on_nonfinite='zero' to drop such groups for the step."
-        )
-    warnings.warn(
-        f"Non-finite (NaN/inf) gradients in group(s) {bad_names}: weight 0 for this step.",
-        NonFiniteGradientWarning,
-        stacklevel=5,
-    )
-
-
-def _warn_once(opt: Balancer, key: str, message: str) -> None:
-    if key not in opt._warned:
-        opt._warned.add(key)
-        warnings.warn(message, BalancerWarning, stacklevel=5)
-
-
-def _warn_silent_plugins(opt: Balancer, groups: int) -> None:
-    """A step with plugins that weigh groups but no group captured, or with plugins that act at
-    taps but no tapped gradient, balanced nothing: say so, once each."""
-    tapping = [p.name for p in opt.plugins if p.needs_taps]
-    if tapping and not opt._taps.seen:
-        _warn_once(
-            opt,
-            "no-taps",
-            f"step() ran with plugins {tapping}, which act at taps, but no tapped gradient reached them in "
-            "this step, so they did nothing. Fix: pass the tensor they act on through opt.tap(tensor, group=...) "
-            "in the forward pass (the logits for replay_bias; balancer.recipes.dpo.tap_pairs for balanced_dpo's prob "
-            "rule), and make sure the loss's backward pass goes through it. (Shown once per Balancer.)",
-        )
-    acting = [p.name for p in opt.plugins if p.acts_on_groups]
-    if groups or not acting:
-        return
-    _warn_once(
-        opt,
-        "no-groups",
-        f"step() ran with plugins {acting}, but no group was captured in this step, so they did nothing: the "
-        "update is the plain gradient. Usual causes: a training loop or trainer that calls backward() without "
-        "`with opt.group(name):` / `opt.backward({...})` (e.g. transformers.Trainer, Lightning's automatic "
-        "optimization, TRL trainers without the balancer integration), or step(closure), whose gradients are "
-        "ungrouped. Fix: capture each group's loss inside opt.group(...), or use the framework integration. "
-        "(Shown once per Balancer.)",
-    )
-
-
-def _warn_missing_losses(opt: Balancer, names: list[str]) -> None:
-    """A loss-based plugin on groups whose loss was not recorded falls back to equal weights: say so, once."""
-    users = [p.name for p in opt.plugins if p.needs_losses]
-    missing = [n for n in names if n not in opt._losses]
-    if users and missing:
-        _warn_once(
-            opt,
-            "no-losses",
-            f"Plugins {users} weigh groups by their losses, but the losses of groups {missing} were not recorded "
-            "this step (they were captured with `with opt.group(name): loss.backward()`), so those groups get "
-            "the plugins' fallback weights. Fix: capture with opt.backward({name: loss}) (or backward_tasks / "
-            "backward_samples), which records the loss values. (Shown once per Balancer.)",
-        )

@@ -8,6 +8,8 @@
   matrices from the layer inputs ``X`` and output gradients ``Δ`` (``nn.Linear`` only), with its
   arithmetic in :mod:`~balancer.capture.layer_gram` and the autograd-graph recognition (private
   torch node names) in :mod:`~balancer.capture.autograd_nodes`.
+- :mod:`~balancer.capture.source`: ``CaptureSource``, what a step reads and writes of its groups,
+  whether they come from a backend's rows or from the layer capture.
 - :mod:`~balancer.capture.taps`: ``opt.tap(tensor, group=...)``, gradients shown to plugins
   inside the backward pass.
 """

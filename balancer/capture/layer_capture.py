@@ -33,8 +33,9 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import GradientEdge
 
-from balancer._checks import check_group_name, check_loss
-from balancer.capture.layer_gram import Call, Piece, constant_piece, weighted_delta, work
+from balancer._checks import check_group_name, check_losses
+from balancer.capture.autograd_nodes import LinearUse, find_linear_calls
+from balancer.capture.layer_gram import Call, Piece, constant_piece, exact_gram, sample_piece, weighted_updates
 from balancer.capture.layer_gram import gram as layer_gram
 from balancer.capture.local import LocalBackend
 from balancer.contract.backend import Backend, NaNFlag
@@ -42,28 +43,19 @@ from balancer.errors import CaptureError
 
 __all__ = ["LayerCapture"]
 
-_Use = tuple[Tensor, str]  # (parameter, "weight" | "bias")
 
+class LayerCapture:
+    """The groups of one step captured by ``backward_samples``/``backward_tasks``: a capture
+    source (:class:`~balancer.capture.source.CaptureSource`) the step drives as it drives the
+    backend's group rows. Groups come in only through :meth:`capture_samples` and
+    :meth:`capture_tasks`, never through ``opt.group``."""
 
-def _leaf(node: Any, through_t: bool) -> Any:
-    """The parameter behind ``node`` (``[TBackward0 →] [ToCopyBackward0 →] AccumulateGrad``), or None."""
-    if through_t:
-        if node is None or type(node).__name__ != "TBackward0":
-            return None
-        node = node.next_functions[0][0]
-    if node is not None and type(node).__name__ == "ToCopyBackward0":  # autocast's copy of the parameter
-        node = node.next_functions[0][0]
-    return getattr(node, "variable", None)
-
-
-class LayerCapture(Backend):
-    """The groups of one step captured by ``backward_samples``/``backward_tasks``; the step
-    drives it like a backend."""
+    ungrouped_gram = False  # no ungrouped row: the update norm comes from update_norm()
 
     def __init__(self, model: torch.nn.Module, backend: Backend) -> None:
-        super().__init__()
         self._model = model
         self._backend = backend
+        self._names: list[str] = []  # groups of this step, in first-capture order
         self._calls: dict[int, tuple[Tensor, str, list[Call]]] = {}  # by id(param)
         self._device = torch.device("cpu")
         self._poison = NaNFlag()
@@ -71,23 +63,15 @@ class LayerCapture(Backend):
         self._undo: list[tuple[Tensor, Tensor | None]] | None = None  # .grad before expose/combine
 
     @property
-    def optimizer(self) -> Any:
-        return self._backend.optimizer
+    def names(self) -> tuple[str, ...]:
+        """Groups captured since the last ``end_step``, in first-capture order."""
+        return tuple(self._names)
 
     @property
     def stats_device(self) -> torch.device:
         return self._device
 
-    def enter(self, name: str) -> None:
-        raise CaptureError(
-            f"Cannot capture group `{name}` with `opt.group(...)`/`opt.backward(...)` in a step that used "
-            "`backward_samples`/`backward_tasks`: use one way per step (call step() or zero_grad() in between)."
-        )
-
-    def exit(self) -> None:
-        raise CaptureError("exit() without a matching enter().")
-
-    # -- the graph -------------------------------------------------------------------------
+    # -- capture ---------------------------------------------------------------------------
     def _owners(self) -> dict[int, tuple[str, str]]:
         """``id(param) → (name, role)`` of every trained parameter; rebuilt when that set changes."""
         params = [p for p in self._backend.trained_parameters() if p.requires_grad]
@@ -113,34 +97,7 @@ class LayerCapture(Backend):
         self._owners_of = (key, params, owners)
         return owners
 
-    def _layers(self, roots: list[Any], batch: int | None) -> list[tuple[Any, Tensor | None, list[_Use]]]:
-        """Walks the graph once: ``(node, saved input, [(param, role)])`` for every linear call."""
-        owners = self._owners()
-        found, seen, foreign = [], {}, []
-        stack: list[tuple[Any, Any]] = [(root, None) for root in roots]
-        while stack:
-            node, parent = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen[id(node)] = node  # keeps the wrapper alive, so ids are not reused during the walk
-            x, uses, claimed = _recognise(node, owners)
-            if uses:
-                found.append((node, x, uses))
-                if batch is not None:
-                    _check_batch_first(parent, batch)
-            variable = getattr(node, "variable", None)
-            if variable is not None and variable.requires_grad:
-                foreign.append(owners.get(id(variable), (f"a tensor of shape {tuple(variable.shape)}", ""))[0])
-            stack.extend((nxt, node) for i, (nxt, _) in enumerate(node.next_functions) if i not in claimed)
-        if foreign:
-            raise CaptureError(
-                f"backward_samples/backward_tasks: {sorted(set(foreign))} receive gradient outside an nn.Linear "
-                "call (weight tying, a penalty on the weights, an input that requires grad...). Only F.linear "
-                "uses are supported."
-            )
-        return found
-
-    def _register(self, layers: list[tuple[Any, Tensor | None, list[_Use]]]) -> list[Call]:
+    def _register(self, layers: list[tuple[Any, Tensor | None, list[LinearUse]]]) -> list[Call]:
         """One :class:`Call` per linear node, listed under each of its parameters."""
         calls = []
         for _, x, uses in layers:
@@ -162,7 +119,6 @@ class LayerCapture(Backend):
                 f"`{type(self._backend).__name__}` (cross-rank Gram terms would need every rank's inputs)."
             )
 
-    # -- capture ---------------------------------------------------------------------------
     def capture_samples(self, losses: Tensor, group: str | Sequence[str], retain_graph: bool | None) -> Tensor:
         """Runs the backward of ``losses.sum()``; returns every group's loss sum ``[k]``."""
         self._check_backend()
@@ -178,7 +134,7 @@ class LayerCapture(Backend):
         for name in dict.fromkeys(names):
             check_group_name(name)
         total = losses.sum()
-        layers = self._layers([total.grad_fn], batch)
+        layers = find_linear_calls([total.grad_fn], self._owners(), batch)
         edges = [GradientEdge(node, 0) for node, _, _ in layers]
         deltas = torch.autograd.grad(total, edges, retain_graph=retain_graph, allow_unused=True) if edges else ()
         rows = [None if delta is None else _rows_per_sample(delta, batch) for delta in deltas]
@@ -191,7 +147,7 @@ class LayerCapture(Backend):
         counts = [index.count(k) for k in range(len(self._names))]
         for call, delta, per_sample in zip(self._register(layers), deltas, rows, strict=True):
             if delta is not None:
-                piece = _sample_piece(delta, sample_group, None if grouped else order, counts, per_sample)
+                piece = sample_piece(delta, sample_group, None if grouped else order, counts, per_sample)
                 call.pieces.append(piece)
         self._device = losses.device
         self._prune()
@@ -201,15 +157,9 @@ class LayerCapture(Backend):
     def capture_tasks(self, losses: Mapping[str, Tensor], retain_graph: bool | None) -> None:
         """Runs one backward per loss; each gives the output gradients of the calls it reaches."""
         self._check_backend()
-        if not isinstance(losses, Mapping) or not losses:
-            raise CaptureError(
-                f"backward_tasks takes a non-empty dict {{group name: scalar loss}}. Found `{losses!r}`."
-            )
-        for name, loss in losses.items():
-            check_group_name(name)
-            check_loss(name, loss)
+        check_losses("backward_tasks", losses)
         items = list(losses.items())
-        layers = self._layers([loss.grad_fn for _, loss in items], None)
+        layers = find_linear_calls([loss.grad_fn for _, loss in items], self._owners(), None)
         edges = [GradientEdge(node, 0) for node, _, _ in layers]
         per_loss = []
         for i, (_, loss) in enumerate(items):
@@ -235,11 +185,14 @@ class LayerCapture(Backend):
                 del self._calls[key]
 
     # -- statistics ------------------------------------------------------------------------
+    def _by_param(self) -> list[tuple[str, list[Call]]]:
+        return [(role, calls) for _, role, calls in self._calls.values()]
+
     @torch.no_grad()
     def gram(self, *, ungrouped: bool = False) -> Tensor:
         if ungrouped:
             raise CaptureError("The layer capture has no ungrouped row: its update norm comes from update_norm().")
-        return layer_gram([(role, calls) for _, role, calls in self._calls.values()], len(self._names), self._device)
+        return layer_gram(self._by_param(), len(self._names), self._device)
 
     @property
     def gram_floor(self) -> float:
@@ -248,18 +201,9 @@ class LayerCapture(Backend):
 
     @torch.no_grad()
     def refine_gram(self, gram: Tensor, rows: Sequence[int]) -> Tensor:
-        """The whole Gram matrix again in float64 (inputs and output gradients upcast): finite
-        captures then never overflow or underflow. Rare: only when the fast matrix is suspect."""
-        exact: dict[int, Call] = {}
-
-        def upcast(call: Call) -> Call:
-            if id(call) not in exact:
-                pieces = [Piece(p.delta.double(), p.groups, p.counts, p.order) for p in call.pieces]
-                exact[id(call)] = Call(None if call.x is None else call.x.double(), pieces)
-            return exact[id(call)]
-
-        params = [(role, [upcast(c) for c in calls]) for _, role, calls in self._calls.values()]
-        return layer_gram(params, len(self._names), self._device)
+        """The whole Gram matrix again in float64: finite captures then never overflow or
+        underflow. Rare: only when the fast matrix is suspect."""
+        return exact_gram(self._by_param(), len(self._names), self._device)
 
     # -- combination -----------------------------------------------------------------------
     def _trained(self) -> list[Tensor]:
@@ -327,16 +271,8 @@ class LayerCapture(Backend):
             for p in self._trained():
                 if p.grad is not None:
                     p.grad = p.grad * (scale.to(p.grad.device, p.grad.dtype) if isinstance(scale, Tensor) else scale)
-        weights = weights * scale
-        weighted: dict[int, Tensor] = {}  # by id(call): a weight and its bias share their calls
-        for param, role, calls in self._calls.values():
-            update = None
-            for call in calls:
-                s = weighted.get(id(call))
-                if s is None:
-                    s = weighted[id(call)] = weighted_delta(call, weights)
-                part = s.sum(0) if role == "bias" else s.T @ work(call.x)  # type: ignore[arg-type]
-                update = part if update is None else update + part
+        params = [param for param, _, _ in self._calls.values()]
+        for param, update in zip(params, weighted_updates(self._by_param(), weights * scale), strict=True):
             if update is None:
                 continue
             if param.grad is None:
@@ -356,15 +292,6 @@ class LayerCapture(Backend):
         """Discards the pending capture; the backend clears ``.grad``."""
         self.end_step()
 
-    def extra_bytes(self) -> int:
-        held = {}
-        for _, _, calls in self._calls.values():
-            for call in calls:
-                for t in [call.x] + [p.delta for p in call.pieces]:
-                    if t is not None:
-                        held[t.data_ptr()] = t.numel() * t.element_size()
-        return sum(held.values())
-
 
 def _rows_per_sample(delta: Tensor, batch: int) -> int:
     """Rows of a layer call per sample (``T`` for ``[B, T, d]`` inputs); refuses a count that does not divide."""
@@ -376,57 +303,3 @@ def _rows_per_sample(delta: Tensor, batch: int) -> int:
             "The batch dimension must lead every layer's input ([B, d] or [B, T, d])."
         )
     return per_sample
-
-
-def _sample_piece(
-    delta: Tensor, sample_group: Tensor, order: list[int] | None, counts: list[int], per_sample: int
-) -> Piece:
-    """A ``backward_samples`` piece: ``per_sample`` consecutive rows per sample; ``order`` sorts the
-    samples by group (None: already sorted)."""
-    delta = delta.detach().reshape(-1, delta.shape[-1])
-    groups = sample_group if per_sample == 1 else sample_group.repeat_interleave(per_sample)
-    row_order = None
-    if order is not None:
-        within = torch.arange(per_sample, device=delta.device)
-        row_order = (torch.tensor(order, device=delta.device)[:, None] * per_sample + within).flatten()
-    return Piece(delta, groups, tuple(c * per_sample for c in counts), row_order)
-
-
-def _recognise(node: Any, owners: dict[int, tuple[str, str]]) -> tuple[Tensor | None, list[_Use], set[int]]:
-    """``(saved input, [(param, role)], claimed input slots)`` of a linear node, else ``(None, [], {})``."""
-    kind = type(node).__name__
-    nexts = [fn for fn, _ in node.next_functions]
-    if kind in ("AddmmBackward0", "MmBackward0"):
-        if kind == "AddmmBackward0" and node._saved_alpha != 1:
-            return None, [], set()
-        slot = 2 if kind == "AddmmBackward0" else 1
-        weight = _leaf(nexts[slot], through_t=True)
-        x, uses, claimed = None, [], set()
-        if weight is not None and owners.get(id(weight), ("", ""))[1] == "weight":
-            x = (node._saved_mat1 if kind == "AddmmBackward0" else node._saved_self).detach()
-            uses, claimed = [(weight, "weight")], {slot}
-        bias = _leaf(nexts[0], through_t=False) if kind == "AddmmBackward0" else None
-        if bias is not None and owners.get(id(bias), ("", ""))[1] == "bias" and node._saved_beta == 1:
-            uses.append((bias, "bias"))
-            claimed.add(0)
-        return x, uses, claimed
-    if kind == "AddBackward0" and node._saved_alpha == 1:
-        for slot, nxt in enumerate(nexts):
-            bias = _leaf(nxt, through_t=False)
-            if bias is not None and owners.get(id(bias), ("", ""))[1] == "bias":
-                return None, [(bias, "bias")], {slot}
-    return None, [], set()
-
-
-def _check_batch_first(parent: Any, batch: int) -> None:
-    """A ``[B, T, d]`` input reaches ``mm`` flattened, and the view back to ``[B, T, d_out]`` is the
-    layer's parent node: its leading size must be the batch (a ``[T, B, d]`` layout would
-    silently mix samples)."""
-    if type(parent).__name__ not in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
-        return
-    shape = tuple(parent._input_metadata[0].shape)
-    if len(shape) > 2 and shape[0] != batch:
-        raise CaptureError(
-            f"backward_samples: a linear layer's output has shape {shape} for {batch} samples. The batch "
-            "dimension must lead every layer's input ([B, d] or [B, T, d]); transpose [T, B, d] inputs."
-        )

@@ -24,6 +24,7 @@ The update ``Σ_k w_k A_k`` needs no group at all: ``(Σ_pieces s∘Δ)ᵀ X`` p
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -65,6 +66,20 @@ def constant_piece(delta: Tensor, group: int) -> Piece:
     rows = delta.shape[0]
     groups = torch.full((rows,), group, dtype=torch.long, device=delta.device)
     return Piece(delta, groups, (0,) * group + (rows,), None)
+
+
+def sample_piece(
+    delta: Tensor, sample_group: Tensor, order: list[int] | None, counts: list[int], per_sample: int
+) -> Piece:
+    """A ``backward_samples`` piece: ``per_sample`` consecutive rows per sample; ``order`` sorts the
+    samples by group (None: already sorted)."""
+    delta = delta.detach().reshape(-1, delta.shape[-1])
+    groups = sample_group if per_sample == 1 else sample_group.repeat_interleave(per_sample)
+    row_order = None
+    if order is not None:
+        within = torch.arange(per_sample, device=delta.device)
+        row_order = (torch.tensor(order, device=delta.device)[:, None] * per_sample + within).flatten()
+    return Piece(delta, groups, tuple(c * per_sample for c in counts), row_order)
 
 
 def choose_form(piece_rows: int, call_rows: int, k: int, d_in: int, d_out: int) -> str:
@@ -115,6 +130,20 @@ def gram(params: list[tuple[str, list[Call]]], k: int, device: torch.device) -> 
         by_row = torch.zeros((k, ghost.shape[0]), dtype=ghost.dtype, device=ghost.device).index_add_(0, groups, ghost)
         out += torch.zeros((k, k), dtype=ghost.dtype, device=ghost.device).index_add_(1, groups, by_row).to(out)
     return out
+
+
+def exact_gram(params: list[tuple[str, list[Call]]], k: int, device: torch.device) -> Tensor:
+    """:func:`gram` in float64 (inputs and output gradients upcast): finite captures then never
+    overflow or underflow."""
+    exact: dict[int, Call] = {}
+
+    def upcast(call: Call) -> Call:
+        if id(call) not in exact:
+            pieces = [Piece(p.delta.double(), p.groups, p.counts, p.order) for p in call.pieces]
+            exact[id(call)] = Call(None if call.x is None else call.x.double(), pieces)
+        return exact[id(call)]
+
+    return gram([(role, [upcast(c) for c in calls]) for role, calls in params], k, device)
 
 
 def _key(calls: list[Call]) -> tuple[int, ...]:
@@ -205,3 +234,18 @@ def weighted_delta(call: Call, weights: Tensor) -> Tensor:
     for piece in rest:
         total.addcmul_(factor(piece), work(piece.delta))
     return total
+
+
+def weighted_updates(params: list[tuple[str, list[Call]]], weights: Tensor) -> Iterator[Tensor | None]:
+    """Each parameter's ``Σ_k w_k A_k`` in turn (None where no call is left): ``(s∘Δ)ᵀ X`` summed
+    over its calls, ``s∘Δ`` computed once per call (a weight and its bias share their calls)."""
+    weighted: dict[int, Tensor] = {}
+    for role, calls in params:
+        update = None
+        for call in calls:
+            s = weighted.get(id(call))
+            if s is None:
+                s = weighted[id(call)] = weighted_delta(call, weights)
+            part = s.sum(0) if role == "bias" else s.T @ work(call.x)  # type: ignore[arg-type]
+            update = part if update is None else update + part
+        yield update

@@ -19,6 +19,10 @@ The step protocol, as the core drives it::
 A step is all or nothing: ``combine`` never writes the group rows, and ``revert`` puts ``.grad``
 and the ungrouped gradient back as they were, so a failed step can be retried.
 
+From ``gram`` on, the step drives a backend only through the narrower
+:class:`~balancer.capture.source.CaptureSource` protocol, which the layer capture
+(``backward_samples``/``backward_tasks``) implements too.
+
 A backend is chosen from what ``Balancer(...)`` is given: integrations implement the hook
 ``balancer_make_backend(target)``; a plain ``torch.optim.Optimizer`` that no integration claims
 gets the :class:`~balancer.capture.local.LocalBackend`.

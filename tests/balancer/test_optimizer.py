@@ -279,3 +279,24 @@ def test_loss_based_plugins_without_recorded_losses_warn_once(make_model, make_b
     quiet = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=["famo"])
     quiet.backward({name: group_loss(model, batch) for name, batch in batches.items()})
     quiet.step()
+
+
+@pytest.mark.parametrize("forget", ["zero_grad", "step"])
+def test_the_next_step_starts_from_nothing(make_model, make_batches, group_loss, forget):
+    """What a step captured (loss values, backward calls, layer capture) is forgotten by step() and zero_grad()."""
+    model = make_model()
+    batches = make_batches()
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    opt.backward({"g0": group_loss(model, batches["g0"]), "g1": group_loss(model, batches["g1"])})
+    getattr(opt, forget)()
+    with opt.group("g0"):
+        group_loss(model, batches["g0"]).backward()
+    opt.step()
+    assert opt.last_stats.names == ("g0",) and opt.last_stats.backward_calls == (1,)
+    assert torch.isnan(opt.last_stats.losses).all()  # the loss recorded in the step before is gone
+    opt.zero_grad()
+    opt.backward_tasks({"g1": group_loss(model, batches["g1"])})
+    getattr(opt, forget)()
+    opt.backward({"g2": group_loss(model, batches["g2"])})  # no layer capture is pending any more
+    opt.step()
+    assert opt.last_stats.names == ("g2",) and opt.last_stats.backward_calls == (1,)

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from balancer import Balancer, BalancerWarning, CaptureError, Plugin, PluginError, PluginOptions
+from balancer import Balancer, BalancerWarning, CaptureError, Plugin, PluginError, PluginOptions, TapPlugin
 from balancer.contract.tap_event import TapEvent
 
 
-class RowScale(Plugin):
+class RowScale(TapPlugin):
     """Multiplies the rows of each group by a fixed factor; counts rows per label and per call."""
 
     name = "row_scale"
