@@ -213,7 +213,8 @@ class PluginClock:
         self.clock = clock
         self.calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         for method in TIMED_METHODS:
-            setattr(plugin, method, self._timed(getattr(plugin, method)))
+            if hasattr(plugin, method):  # the tap methods exist on tap plugins only
+                setattr(plugin, method, self._timed(getattr(plugin, method)))
 
     def _timed(self, method: Callable[..., Any]) -> Callable[..., Any]:
         def timed(*args: Any) -> Any:

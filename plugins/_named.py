@@ -1,21 +1,51 @@
 """Plugin state keyed by group name, so it survives groups that change order, appear or vanish.
 
-The state stores ``names`` (every group seen so far, in order of first appearance) and tensors
-whose leading dimensions follow that list. Each step the current groups are looked up by name;
-new ones are appended with a fill value; groups absent from the step keep their entries as they
-are. The lookups are Python work on the names: no device tensor is read.
+Two layouts, both keyed by name and both read back by ``torch.load(weights_only=True)``:
+
+- :data:`ByName`, a dict from group name to a 0-d tensor (``task_norm``'s EMA norms,
+  ``nash_mtl``'s last weights): read with :func:`gather_by_name`, written with
+  :func:`scatter_by_name`;
+- ``names`` (every group seen so far, in order of first appearance) next to tensors whose
+  leading dimensions follow that list (``dwa``, ``famo``, ``gradvac``'s ``m×m`` targets):
+  :class:`NamedIndex` pads them for new names, takes this step's entries and puts them back.
+
+Groups absent from a step keep their entries as they are. The lookups are Python work on the
+names: no device tensor is read.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import TypeAlias
 
 import torch
 from torch import Tensor
 
 from balancer.contract.plugin import InvalidStateError, State
 
-__all__ = ["NamedIndex", "check_named_state", "check_nonnegative", "check_scalars_by_name"]
+__all__ = [
+    "ByName",
+    "NamedIndex",
+    "check_named_state",
+    "check_nonnegative",
+    "check_scalars_by_name",
+    "gather_by_name",
+    "scatter_by_name",
+]
+
+ByName: TypeAlias = dict[str, Tensor]
+"""Per-group values in a plugin state: group name -> 0-d float tensor."""
+
+
+def gather_by_name(stored: Mapping[str, Tensor], names: Sequence[str], fallback: Tensor) -> Tensor:
+    """``[k]`` values of the groups ``names``: the stored one, or ``fallback[i]`` for a name not stored,
+    converted to ``fallback``'s dtype and device."""
+    return torch.stack([stored.get(n, f).to(fallback) for n, f in zip(names, fallback.unbind(), strict=True)])
+
+
+def scatter_by_name(stored: Mapping[str, Tensor], names: Sequence[str], values: Tensor) -> ByName:
+    """A copy of ``stored`` with the groups ``names`` set to the entries of ``values`` (others kept)."""
+    return {**stored, **dict(zip(names, values.unbind(), strict=True))}
 
 
 def check_named_state(state: State, vectors: Sequence[str] = (), matrices: Sequence[str] = ()) -> None:

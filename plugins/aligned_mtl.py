@@ -8,9 +8,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
-
-from ._gram import weighted_gram
+from balancer import GroupStats, PluginOptions, State
+from balancer.contract.weighting import GramWeighting
 
 __all__ = ["AlignedMTL", "AlignedMTLOptions"]
 
@@ -43,7 +42,7 @@ def _kept_median(eigenvalues: Tensor, kept: Tensor) -> Tensor:
     return eigenvalues.gather(0, index.reshape(1))[0]
 
 
-class AlignedMTL(Plugin):
+class AlignedMTL(GramWeighting):
     """Aligns the principal components of the group gradients to equal strength (Senushkin et al. 2023).
 
     Senushkin, Patakin, Kuznetsov, Konushin, *Independent Component Alignment for Multi-Task
@@ -75,12 +74,11 @@ class AlignedMTL(Plugin):
     """
 
     name = "aligned_mtl"
-    version = "1"
     Options = AlignedMTLOptions
     options: AlignedMTLOptions
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
-        gram = weighted_gram(stats.gram, weights)
+    def weigh(self, stats: GroupStats, state: State) -> tuple[Tensor, State]:
+        gram = stats.gram
         k = gram.shape[0]
         largest = gram.diagonal().max().clamp_min(0.0)
         gram = gram / torch.where(largest > 0, largest, 1.0)
@@ -101,4 +99,4 @@ class AlignedMTL(Plugin):
         mean = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
         aligned = scale.sqrt() * (vectors @ (inverse_root * (vectors.T @ mean)))
         factors = torch.where(any_kept, aligned, mean)
-        return weights * factors, state
+        return factors, state

@@ -59,19 +59,19 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State, TapEvent
-from balancer.contract.plugin import InvalidStateError
+from balancer import GroupStats, PluginOptions, TapEvent
+from balancer.contract.plugin import InvalidStateError, TapPlugin
 
 from ._options import refuse_ignored
-from .task_norm import TaskNorm
+from .task_norm import TaskNorm, TaskNormState
 
-__all__ = ["BalancedDPO", "BalancedDPOOptions"]
+__all__ = ["BalancedDPO", "BalancedDPOOptions", "BalancedDPOState", "BalancedDPOTapStats"]
 
 _NAN = float("nan")
 # Tap statistics, one float64 vector: sum and count of chosen log-probs, of rejected
@@ -132,11 +132,27 @@ class BalancedDPOOptions(PluginOptions):
         return self
 
 
-class BalancedDPO(Plugin):
+class BalancedDPOState(TypedDict):
+    """State of :class:`BalancedDPO`; the ``[2]`` vectors are [chosen, rejected], NaN where unknown."""
+
+    task_norm: TaskNormState  # the norm rule's equalisation
+    norms: Tensor  # [2] this step's contribution norms (before the rule)
+    weights: Tensor  # [2] the weights the rule gave them
+    logp: Tensor  # [2] this step's mean tapped log-probs
+    prev_logp: Tensor  # [2] the previous step's
+    factor: Tensor  # 0-d: prob rule, mean factor on the rescaled side
+
+
+class BalancedDPOTapStats(TypedDict):
+    """One step's tap sums: ``sums[_SUM_W .. _N_F]``, summed over ranks at step time."""
+
+    sums: Tensor  # [6] float64
+
+
+class BalancedDPO(TapPlugin):
     """Balances DPO's chosen and rejected gradients (rules "norm" and "prob"; see the module docs)."""
 
     name = "balanced_dpo"
-    version = "1"
     Options = BalancedDPOOptions
     options: BalancedDPOOptions
     # NaN: not measured yet (or a side absent from the step); logged values may be -inf (π = 0).
@@ -153,18 +169,18 @@ class BalancedDPO(Plugin):
         super().__init__(options, **kwargs)
         self._norm = TaskNorm(target="mean", alpha=self.options.alpha, beta=self.options.beta)
 
-    def init(self) -> State:
+    def init(self) -> BalancedDPOState:
         nan2 = torch.full((2,), _NAN, dtype=torch.float64)
-        return {
-            "task_norm": self._norm.init(),
-            "norms": nan2.clone(),  # this step's chosen/rejected contribution norms (before the rule)
-            "weights": nan2.clone(),  # the weights the rule gave them
-            "logp": nan2.clone(),  # this step's mean tapped chosen/rejected log-probs
-            "prev_logp": nan2.clone(),  # the previous step's
-            "factor": torch.tensor(_NAN, dtype=torch.float64),  # prob rule: mean factor on the rescaled side
-        }
+        return BalancedDPOState(
+            task_norm=self._norm.init(),
+            norms=nan2.clone(),
+            weights=nan2.clone(),
+            logp=nan2.clone(),
+            prev_logp=nan2.clone(),
+            factor=torch.tensor(_NAN, dtype=torch.float64),
+        )
 
-    def check_state(self, state: State) -> None:
+    def check_state(self, state: BalancedDPOState) -> None:
         """The structure of :meth:`init`, and the norm rule's state as :class:`TaskNorm` checks it."""
         super().check_state(state)
         try:
@@ -181,7 +197,7 @@ class BalancedDPO(Plugin):
         return self.options.rule == "prob"
 
     # -- norm rule: the grouped-gradient path ------------------------------------------------
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
+    def update(self, stats: GroupStats, weights: Tensor, state: BalancedDPOState) -> tuple[Tensor, BalancedDPOState]:
         names = (self.options.chosen, self.options.rejected)
         present = [i for i, g in enumerate(names) if g in stats.names]
         if not present:
@@ -193,7 +209,7 @@ class BalancedDPO(Plugin):
             out[present] = values
             return out
 
-        new_state = dict(state)
+        new_state = BalancedDPOState(**state)
         new_state["norms"] = per_side((weights.abs() * stats.norms)[rows])
         new_weights = weights
         if self.options.rule == "norm":
@@ -205,10 +221,12 @@ class BalancedDPO(Plugin):
         return new_weights, new_state
 
     # -- prob rule: the log-prob taps ------------------------------------------------------
-    def init_tap_stats(self) -> State:
-        return {"sums": torch.zeros(6, dtype=torch.float64)}
+    def init_tap_stats(self) -> BalancedDPOTapStats:
+        return BalancedDPOTapStats(sums=torch.zeros(6, dtype=torch.float64))
 
-    def tap(self, event: TapEvent, state: State, tap_stats: State) -> tuple[Tensor, State]:
+    def tap(
+        self, event: TapEvent, state: BalancedDPOState, tap_stats: BalancedDPOTapStats
+    ) -> tuple[Tensor, BalancedDPOTapStats]:
         opts = self.options
         value = event.value.detach().to(torch.float64)
         if value.dim() != 1:
@@ -232,7 +250,7 @@ class BalancedDPO(Plugin):
             grad = grad * row_factor.to(grad.dtype).view(-1, *([1] * (grad.dim() - 1)))
             add[_SUM_F] = torch.where(paired, factor, 0.0).sum()
             add[_N_F] = paired.sum()
-        return grad, {"sums": sums + add}
+        return grad, BalancedDPOTapStats(sums=sums + add)
 
     def _pair_factors(self, value: Tensor, is_w: Tensor, is_l: Tensor, pair: Tensor) -> tuple[Tensor, Tensor]:
         """Per pair id: the factor on the rescaled side, and whether the pair has both sides."""
@@ -255,17 +273,17 @@ class BalancedDPO(Plugin):
         paired = has_w & has_l
         return torch.where(paired & ~torch.isnan(diff), factor, 1.0), paired & ~torch.isnan(diff)
 
-    def merge_tap_stats(self, state: State, tap_stats: State) -> State:
+    def merge_tap_stats(self, state: BalancedDPOState, tap_stats: BalancedDPOTapStats) -> BalancedDPOState:
         sums = tap_stats["sums"].to(state["logp"].device)
         means = torch.stack([sums[_SUM_W] / sums[_N_W], sums[_SUM_L] / sums[_N_L]])
         seen = torch.stack([sums[_N_W], sums[_N_L]]) > 0
-        new_state = dict(state)
+        new_state = BalancedDPOState(**state)
         new_state["prev_logp"] = torch.where(seen, state["logp"], state["prev_logp"])
         new_state["logp"] = torch.where(seen, means, state["logp"])
         new_state["factor"] = torch.where(sums[_N_F] > 0, sums[_SUM_F] / sums[_N_F].clamp_min(1.0), _NAN)
         return new_state
 
-    def metrics(self, state: State) -> dict[str, Any]:
+    def metrics(self, state: BalancedDPOState) -> dict[str, Any]:
         norms, logp = state["norms"], state["logp"]
         return {
             "chosen_norm": norms[0],

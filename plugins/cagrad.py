@@ -8,9 +8,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer import GroupStats, PluginOptions, State
+from balancer.contract.weighting import GramWeighting
 
-from ._gram import weighted_gram
 from ._options import refuse_ignored
 from ._qp import solve_nonneg_qp, trace_normalised
 
@@ -56,7 +56,7 @@ def _support_solution(gram: Tensor, b: Tensor, rho: Tensor, support: Tensor) -> 
     return mu * u - p, mu
 
 
-class CAGrad(Plugin):
+class CAGrad(GramWeighting):
     """Conflict-averse gradient: the best worst-case direction near the mean gradient (Liu et al. 2021).
 
     Liu, Liu, Jin, Stone and Liu, *Conflict-Averse Gradient Descent for Multi-task Learning*
@@ -86,13 +86,12 @@ class CAGrad(Plugin):
     """
 
     name = "cagrad"
-    version = "1"
     Options = CAGradOptions
     options: CAGradOptions
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
+    def weigh(self, stats: GroupStats, state: State) -> tuple[Tensor, State]:
         c = self.options.c
-        gram = trace_normalised(weighted_gram(stats.gram, weights))
+        gram = trace_normalised(stats.gram)
         k = gram.shape[0]
         b = gram.mean(1)
         rho = c * b.mean().clamp_min(0.0).sqrt()
@@ -116,4 +115,4 @@ class CAGrad(Plugin):
         v = torch.where(valid, exact.clamp_min(0.0), v_lo + t * step)
         v = torch.where(rho > 0, v, 0.0)
         divisor = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[self.options.rescale]
-        return weights * (1.0 / k + v) / divisor, state
+        return (1.0 / k + v) / divisor, state

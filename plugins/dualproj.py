@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, State
+from balancer import GroupStats, State
+from balancer.contract.weighting import GramWeighting
 
 from ._dual_cone import DualConeOptions, project_onto_dual_cone
-from ._gram import weighted_gram
 
 __all__ = ["DualProj", "DualProjOptions"]
 
@@ -17,7 +17,7 @@ class DualProjOptions(DualConeOptions):
     """Options of :class:`DualProj`."""
 
 
-class DualProj(Plugin):
+class DualProj(GramWeighting):
     """Projects the mean gradient onto the dual cone of the group gradients (Quinton & Rey 2024).
 
     Quinton and Rey, *Jacobian Descent for Multi-Objective Optimization* (arXiv 2406.16232,
@@ -38,12 +38,11 @@ class DualProj(Plugin):
     """
 
     name = "dualproj"
-    version = "1"
     Options = DualProjOptions
     options: DualProjOptions
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
-        gram = weighted_gram(stats.gram, weights)
+    def weigh(self, stats: GroupStats, state: State) -> tuple[Tensor, State]:
+        gram = stats.gram
         k = gram.shape[0]
         mean = torch.full((k,), 1.0 / k, dtype=gram.dtype, device=gram.device)
-        return weights * project_onto_dual_cone(gram, mean, self.options.reg_eps), state
+        return project_onto_dual_cone(gram, mean, self.options.reg_eps), state

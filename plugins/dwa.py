@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer import GroupStats, PluginOptions
+from balancer.contract.weighting import GramWeighting
 
 from ._named import NamedIndex, check_named_state
 
-__all__ = ["DWA", "DWAOptions"]
+__all__ = ["DWA", "DWAOptions", "DWAState"]
+
+
+class DWAState(TypedDict):
+    """State of :class:`DWA`: the last two (smoothed) losses of every group seen, over ``names``."""
+
+    names: list[str]  # every group seen so far, in order of first appearance
+    last: Tensor  # [m] the most recent loss; NaN before one is recorded
+    before: Tensor  # [m] the one before it; NaN before two are recorded
 
 
 class DWAOptions(PluginOptions):
@@ -26,7 +37,7 @@ class DWAOptions(PluginOptions):
     )
 
 
-class DWA(Plugin):
+class DWA(GramWeighting):
     """Weights groups by how slowly their loss has been falling (Liu, Johns, Davison 2019).
 
     Liu, Johns, Davison, *End-to-End Multi-Task Learning with Attention*, CVPR 2019 (Dynamic
@@ -56,22 +67,21 @@ class DWA(Plugin):
     """
 
     name = "dwa"
-    version = "1"
     Options = DWAOptions
     options: DWAOptions
     needs_losses = True
     nonfinite_state = {"last": "nan", "before": "nan"}  # NaN: fewer than two losses recorded for that group
 
-    def init(self) -> State:
+    def init(self) -> DWAState:
         empty = torch.zeros(0, dtype=torch.float64)
-        return {"names": [], "last": empty, "before": empty.clone()}
+        return DWAState(names=[], last=empty, before=empty.clone())
 
-    def check_state(self, state: State) -> None:
+    def check_state(self, state: DWAState) -> None:
         """One entry of ``last`` and ``before`` per stored name."""
         super().check_state(state)
         check_named_state(state, vectors=("last", "before"))
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
+    def weigh(self, stats: GroupStats, state: DWAState) -> tuple[Tensor, DWAState]:
         opts = self.options
         device = stats.gram.device
         named = NamedIndex(state["names"], stats.names, device)
@@ -88,9 +98,9 @@ class DWA(Plugin):
         losses = stats.losses.to(torch.float64)
         seen = torch.isfinite(losses)
         smoothed = torch.where(torch.isfinite(last), opts.beta * last + (1.0 - opts.beta) * losses, losses)
-        new_state = {
-            "names": named.names,
-            "last": named.put(last_full, torch.where(seen, smoothed, last)),
-            "before": named.put(before_full, torch.where(seen, last, before)),
-        }
-        return weights * factors, new_state
+        new_state = DWAState(
+            names=named.names,
+            last=named.put(last_full, torch.where(seen, smoothed, last)),
+            before=named.put(before_full, torch.where(seen, last, before)),
+        )
+        return factors, new_state

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer import GroupStats, PluginOptions
+from balancer.contract.weighting import GramWeighting
 
 from ._named import NamedIndex, check_named_state, check_nonnegative
 
-__all__ = ["FAMO", "FAMOOptions"]
+__all__ = ["FAMO", "FAMOOptions", "FAMOState"]
 
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
@@ -34,7 +35,18 @@ class FAMOOptions(PluginOptions):
     )
 
 
-class FAMO(Plugin):
+class FAMOState(TypedDict):
+    """State of :class:`FAMO`: one entry per group seen, over ``names``."""
+
+    names: list[str]  # every group seen so far, in order of first appearance
+    logits: Tensor  # [m] ξ
+    log_loss: Tensor  # [m] the last log(ℓ - b + eps); NaN before a loss is recorded
+    exp_avg: Tensor  # [m] Adam's first moment of the logits' gradient
+    exp_avg_sq: Tensor  # [m] Adam's second moment
+    steps: Tensor  # [m] Adam's step count
+
+
+class FAMO(GramWeighting):
     """Decreases every group's loss at the same relative rate, from the losses alone (Liu et al. 2023).
 
     Liu, Feng, Stone, Liu, *FAMO: Fast Adaptive Multitask Optimization*, NeurIPS 2023. With
@@ -71,24 +83,23 @@ class FAMO(Plugin):
     """
 
     name = "famo"
-    version = "1"
     Options = FAMOOptions
     options: FAMOOptions
     needs_losses = True
     nonfinite_state = {"log_loss": "nan"}  # NaN: no loss recorded yet for that group
 
-    def init(self) -> State:
+    def init(self) -> FAMOState:
         empty = torch.zeros(0, dtype=torch.float64)
-        return {
-            "names": [],
-            "logits": empty,
-            "log_loss": empty.clone(),
-            "exp_avg": empty.clone(),
-            "exp_avg_sq": empty.clone(),
-            "steps": empty.clone(),
-        }
+        return FAMOState(
+            names=[],
+            logits=empty,
+            log_loss=empty.clone(),
+            exp_avg=empty.clone(),
+            exp_avg_sq=empty.clone(),
+            steps=empty.clone(),
+        )
 
-    def check_state(self, state: State) -> None:
+    def check_state(self, state: FAMOState) -> None:
         """One entry per stored name; Adam's second moments and step counts are not negative."""
         super().check_state(state)
         check_named_state(state, vectors=("logits", "log_loss", "exp_avg", "exp_avg_sq", "steps"))
@@ -101,7 +112,7 @@ class FAMO(Plugin):
             return float(bound)
         return torch.tensor([float(bound.get(n, 0.0)) for n in names], dtype=torch.float64).to(device)
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
+    def weigh(self, stats: GroupStats, state: FAMOState) -> tuple[Tensor, FAMOState]:
         opts = self.options
         device = stats.gram.device
         named = NamedIndex(state["names"], stats.names, device)
@@ -137,9 +148,9 @@ class FAMO(Plugin):
         z = torch.softmax(logits, dim=0)
         ratio = z / torch.where(valid, shifted, 1.0)
         factors = torch.where(valid.all(), ratio / ratio.sum(), z)
-        return weights * factors, {"names": named.names, **new}
+        return factors, FAMOState(names=named.names, **new)  # type: ignore[typeddict-item]
 
-    def metrics(self, state: State) -> dict[str, object]:
+    def metrics(self, state: FAMOState) -> dict[str, object]:
         """The task weights ``z = softmax(ξ)`` over every group seen, by name."""
         if not state["names"]:
             return {}

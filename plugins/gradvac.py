@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer import GroupStats, PluginOptions
 from balancer.contract.plugin import InvalidStateError
+from balancer.contract.weighting import GramWeighting
 
-from ._gram import weighted_gram
 from ._named import NamedIndex, check_named_state
 from ._pairwise import to_gradient_weights, unit_cosines
 from ._seeded import random_orders
 
-__all__ = ["GradVac", "GradVacOptions", "gradvac_coefficients"]
+__all__ = ["GradVac", "GradVacOptions", "GradVacState", "gradvac_coefficients"]
+
+
+class GradVacState(TypedDict):
+    """State of :class:`GradVac`."""
+
+    names: list[str]  # every group seen so far, in order of first appearance
+    targets: Tensor  # [m, m] cosine targets φ̂ over `names`
 
 
 class GradVacOptions(PluginOptions):
@@ -59,7 +68,7 @@ def gradvac_coefficients(
     return coefficients, targets
 
 
-class GradVac(Plugin):
+class GradVac(GramWeighting):
     """Pulls each pair of gradients towards an EMA of their past cosine (Wang et al. 2021).
 
     Wang, Tsvetkov, Firat, Cao, *Gradient Vaccine: Investigating and Improving Multi-task
@@ -92,14 +101,13 @@ class GradVac(Plugin):
     """
 
     name = "gradvac"
-    version = "1"
     Options = GradVacOptions
     options: GradVacOptions
 
-    def init(self) -> State:
-        return {"names": [], "targets": torch.zeros(0, 0, dtype=torch.float64)}
+    def init(self) -> GradVacState:
+        return GradVacState(names=[], targets=torch.zeros(0, 0, dtype=torch.float64))
 
-    def check_state(self, state: State) -> None:
+    def check_state(self, state: GradVacState) -> None:
         """An ``m×m`` matrix of cosine targets in [-1, 1] over the ``m`` stored names."""
         super().check_state(state)
         check_named_state(state, matrices=("targets",))
@@ -109,18 +117,18 @@ class GradVac(Plugin):
             found = state["targets"][i, j].item()
             raise InvalidStateError(f"targets[{i}, {j}]", f"found {found}; a cosine target lies in [-1, 1]")
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
+    def weigh(self, stats: GroupStats, state: GradVacState) -> tuple[Tensor, GradVacState]:
         opts = self.options
         device = stats.gram.device
-        cosines, norms = unit_cosines(weighted_gram(stats.gram, weights))
+        cosines, norms = unit_cosines(stats.gram)
         named = NamedIndex(state["names"], stats.names, device)
         full = named.matrix(state["targets"], 0.0, device)
         orders = random_orders(stats.names, opts.seed, stats.step, self.name, device)
         coefficients, targets = gradvac_coefficients(cosines, named.take_matrix(full), orders, opts.beta, opts.eps)
-        new_state = {"names": named.names, "targets": named.put_matrix(full, targets)}
-        return weights * to_gradient_weights(coefficients, norms), new_state
+        new_state = GradVacState(names=named.names, targets=named.put_matrix(full, targets))
+        return to_gradient_weights(coefficients, norms), new_state
 
-    def metrics(self, state: State) -> dict[str, object]:
+    def metrics(self, state: GradVacState) -> dict[str, object]:
         """The mean cosine target over pairs of distinct groups."""
         targets = state["targets"]
         m = targets.shape[0]

@@ -6,9 +6,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer import GroupStats, PluginOptions, State
+from balancer.contract.weighting import GramWeighting
 
-from ._gram import weighted_gram
 from ._pairwise import unit_cosines
 
 __all__ = ["IMTLG", "IMTLGOptions"]
@@ -25,7 +25,7 @@ class IMTLGOptions(PluginOptions):
     )
 
 
-class IMTLG(Plugin):
+class IMTLG(GramWeighting):
     """Weights giving every group gradient the same projection on the update (Liu et al. 2021).
 
     Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, *Towards Impartial Multi-task Learning*, ICLR
@@ -57,12 +57,11 @@ class IMTLG(Plugin):
     """
 
     name = "imtl_g"
-    version = "1"
     Options = IMTLGOptions
     options: IMTLGOptions
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
-        cosines, norms = unit_cosines(weighted_gram(stats.gram, weights))
+    def weigh(self, stats: GroupStats, state: State) -> tuple[Tensor, State]:
+        cosines, norms = unit_cosines(stats.gram)
         nonzero = norms > 0
         eigenvalues, vectors = torch.linalg.eigh(cosines)
         threshold = self.options.rtol * stats.num_groups * eigenvalues.max().clamp_min(0.0)
@@ -75,4 +74,4 @@ class IMTLG(Plugin):
         scale = raw.abs().sum()
         balanced = total.abs() > 1e-12 * scale
         factors = torch.where(balanced, raw / torch.where(balanced, total, 1.0), 0.0)
-        return weights * factors, state
+        return factors, state

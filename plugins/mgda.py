@@ -8,9 +8,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer import GroupStats, PluginOptions, State
+from balancer.contract.weighting import GramWeighting
 
-from ._gram import weighted_gram
 from ._qp import min_norm_point
 
 __all__ = ["MGDA", "MGDAOptions"]
@@ -26,7 +26,7 @@ class MGDAOptions(PluginOptions):
     )
 
 
-class MGDA(Plugin):
+class MGDA(GramWeighting):
     """Multiple-gradient descent: the min-norm element of the convex hull of the gradients (Désidéri 2012).
 
     Désidéri, *Multiple-gradient descent algorithm (MGDA) for multiobjective optimization*
@@ -52,7 +52,6 @@ class MGDA(Plugin):
     """
 
     name = "mgda"
-    version = "1"
     Options = MGDAOptions
     options: MGDAOptions
 
@@ -61,16 +60,16 @@ class MGDA(Plugin):
         """Only the normalisations by the loss ('loss', 'loss+') read ``stats.losses``."""
         return self.options.normalization in ("loss", "loss+")
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
-        gram = weighted_gram(stats.gram, weights)
+    def weigh(self, stats: GroupStats, state: State) -> tuple[Tensor, State]:
+        gram = stats.gram
         norm = self.options.normalization
         if norm == "none":  # n_i = 1
-            return weights * min_norm_point(gram), state
-        factor = torch.ones_like(weights)
+            return min_norm_point(gram), state
+        factor = torch.ones_like(gram.diagonal())
         if norm in ("l2", "loss+"):
             factor = factor * gram.diagonal().clamp_min(0.0).sqrt()
         if norm in ("loss", "loss+"):
             factor = factor * stats.losses.to(factor)
         factor = torch.where(torch.isfinite(factor) & (factor > 0), factor, 1.0)
         alpha = min_norm_point(gram / torch.outer(factor, factor))
-        return weights * alpha / factor, state
+        return alpha / factor, state

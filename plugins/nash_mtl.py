@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import torch
 from pydantic import Field
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer import GroupStats, PluginOptions
+from balancer.contract.weighting import GramWeighting
 
-from ._gram import weighted_gram
-from ._named import check_nonnegative, check_scalars_by_name
+from ._named import ByName, check_nonnegative, check_scalars_by_name, gather_by_name, scatter_by_name
 from ._qp import any_on_cpu
 
-__all__ = ["NashMTL", "NashMTLOptions"]
+__all__ = ["NashMTL", "NashMTLOptions", "NashMTLState"]
 
 _RIDGE = 1e-10  # relative ridge: keeps the problem bounded when 0 is in the hull of the gradients
 _CONVERGED = 1e-13  # Newton decrement below which the CPU loop stops early
@@ -26,6 +28,13 @@ class NashMTLOptions(PluginOptions):
     )
     optim_niter: int = Field(20, ge=1, description="Newton iterations per solve (warm-started from the last solution).")
     max_norm: float = Field(1.0, ge=0.0, description="Scale the weights so that ‖Σ α_i g_i‖ ≤ max_norm; 0 disables.")
+
+
+class NashMTLState(TypedDict):
+    """State of :class:`NashMTL`."""
+
+    alpha: ByName  # the last solved weight of each group, by group name
+    updates: int  # update() calls so far
 
 
 def solve_nash(gram: Tensor, start: Tensor, iters: int) -> Tensor:
@@ -61,7 +70,7 @@ def solve_nash(gram: Tensor, start: Tensor, iters: int) -> Tensor:
     return torch.where(live, beta / scale, 0.0)
 
 
-class NashMTL(Plugin):
+class NashMTL(GramWeighting):
     """Nash bargaining between groups: weights α with G α = 1/α (Navon et al. 2022).
 
     Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik and Fetaya, *Multi-Task Learning as a
@@ -88,34 +97,32 @@ class NashMTL(Plugin):
     """
 
     name = "nash_mtl"
-    version = "1"
     Options = NashMTLOptions
     options: NashMTLOptions
 
-    def init(self) -> State:
-        return {"alpha": {}, "updates": 0}
+    def init(self) -> NashMTLState:
+        return NashMTLState(alpha={}, updates=0)
 
-    def check_state(self, state: State) -> None:
+    def check_state(self, state: NashMTLState) -> None:
         """The last weights: a 0-d tensor per group name, finite and not negative; a count not negative."""
         super().check_state(state)
         check_scalars_by_name(state["alpha"], "alpha")
         check_nonnegative(state["updates"], "updates")
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
+    def weigh(self, stats: GroupStats, state: NashMTLState) -> tuple[Tensor, NashMTLState]:
         opts = self.options
-        gram = weighted_gram(stats.gram, weights)
+        gram = stats.gram
         stored = dict(state["alpha"])
         known = all(n in stored for n in stats.names)
-        nan = torch.tensor(torch.nan, dtype=torch.float64)
-        previous = torch.stack([stored.get(n, nan).to(gram) for n in stats.names])
+        previous = gather_by_name(stored, stats.names, torch.full_like(gram.diagonal(), torch.nan))
         if known and state["updates"] % opts.update_weights_every != 0:
             alpha = previous
         else:
             frobenius = gram.norm()
             size = torch.where(frobenius > 0, frobenius, 1.0)
             alpha = solve_nash(gram / size, previous * size.sqrt(), opts.optim_niter) / size.sqrt()
-            stored.update(zip(stats.names, alpha.unbind(), strict=True))
+            stored = scatter_by_name(stored, stats.names, alpha)
         if opts.max_norm > 0:
             norm = (alpha @ gram @ alpha).clamp_min(0.0).sqrt()
             alpha = alpha * torch.where(norm > opts.max_norm, opts.max_norm / norm, 1.0)
-        return weights * alpha, {"alpha": stored, "updates": state["updates"] + 1}
+        return alpha, NashMTLState(alpha=stored, updates=state["updates"] + 1)

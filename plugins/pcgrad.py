@@ -8,9 +8,9 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer import GroupStats, PluginOptions, State
+from balancer.contract.weighting import GramWeighting
 
-from ._gram import weighted_gram
 from ._pairwise import to_gradient_weights, unit_cosines
 from ._seeded import random_orders
 
@@ -43,7 +43,7 @@ def pcgrad_coefficients(cosines: Tensor, orders: Tensor) -> Tensor:
     return coefficients
 
 
-class PCGrad(Plugin):
+class PCGrad(GramWeighting):
     """Projects each gradient off the others it conflicts with, then sums (Yu et al. 2020).
 
     Yu, Kumar, Gupta, Levine, Hausman, Finn, *Gradient Surgery for Multi-Task Learning*, NeurIPS
@@ -73,14 +73,13 @@ class PCGrad(Plugin):
     """
 
     name = "pcgrad"
-    version = "1"
     Options = PCGradOptions
     options: PCGradOptions
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
-        cosines, norms = unit_cosines(weighted_gram(stats.gram, weights))
+    def weigh(self, stats: GroupStats, state: State) -> tuple[Tensor, State]:
+        cosines, norms = unit_cosines(stats.gram)
         orders = random_orders(stats.names, self.options.seed, stats.step, self.name, cosines.device)
         factors = to_gradient_weights(pcgrad_coefficients(cosines, orders), norms)
         if self.options.reduction == "mean":
             factors = factors / stats.num_groups
-        return weights * factors, state
+        return factors, state

@@ -17,19 +17,19 @@ cross-entropy gradient at the logits, ``p_i − onehot(y_i)``, accumulated over 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from balancer import Plugin, PluginOptions, State, TapEvent
-from balancer.contract.plugin import InvalidStateError
+from balancer import PluginOptions, TapEvent
+from balancer.contract.plugin import InvalidStateError, TapPlugin
 
 from ._named import check_nonnegative
 from ._options import refuse_ignored
 
-__all__ = ["ReplayBias", "ReplayBiasOptions", "class_bias"]
+__all__ = ["ReplayBias", "ReplayBiasOptions", "ReplayBiasState", "ReplayBiasTapStats", "class_bias"]
 
 _SUMS = ("count", "pos", "neg")
 
@@ -101,7 +101,22 @@ def _fit(t: Tensor, length: int, device: torch.device) -> Tensor:
     return torch.cat([t, t.new_zeros(length - t.shape[0])])
 
 
-class ReplayBias(Plugin):
+class ReplayBiasTapStats(TypedDict):
+    """One step's per-class sums (float64, as long as the widest tapped logits), summed over ranks."""
+
+    count: Tensor  # N_c: rows of class c
+    pos: Tensor  # P_c: Σ over rows of class c of p_{i,c}
+    neg: Tensor  # Q_c: Σ over rows of other classes of p_{i,c}
+
+
+class ReplayBiasState(ReplayBiasTapStats):
+    """State of :class:`ReplayBias`: the sums of every step so far (decayed with ``decay < 1``)."""
+
+    seen: Tensor  # 1.0 for a class counted at least once, else 0.0
+    task_steps: Tensor  # 0-d long: steps since the current task started
+
+
+class ReplayBias(TapPlugin):
     """GSA's replay-bias weight ``2·σ(ANT_y − 1)`` on logits rows (Guo, Liu, Zhao, CVPR 2023).
 
     Tap the logits of the batch the weighted loss is computed on, with integer class labels::
@@ -153,15 +168,16 @@ class ReplayBias(Plugin):
     """
 
     name = "replay_bias"
-    version = "1"
     Options = ReplayBiasOptions
     options: ReplayBiasOptions
 
-    def init(self) -> State:
+    def init(self) -> ReplayBiasState:
         empty = torch.zeros(0, dtype=torch.float64)
-        return {**{k: empty for k in _SUMS}, "seen": empty, "task_steps": torch.zeros((), dtype=torch.long)}
+        return ReplayBiasState(
+            count=empty, pos=empty, neg=empty, seen=empty, task_steps=torch.zeros((), dtype=torch.long)
+        )
 
-    def check_state(self, state: State) -> None:
+    def check_state(self, state: ReplayBiasState) -> None:
         """Per-class sums of one length, not negative; ``seen`` flags 0 or 1; a step count not negative."""
         super().check_state(state)
         length = state["count"].shape[0]
@@ -173,10 +189,12 @@ class ReplayBias(Plugin):
             raise InvalidStateError("seen", f"found {state['seen'].tolist()}; expected flags 0 or 1 per class")
         check_nonnegative(state["task_steps"], "task_steps")
 
-    def init_tap_stats(self) -> State:
-        return {k: torch.zeros(0, dtype=torch.float64) for k in _SUMS}
+    def init_tap_stats(self) -> ReplayBiasTapStats:
+        return ReplayBiasTapStats(**{k: torch.zeros(0, dtype=torch.float64) for k in _SUMS})
 
-    def tap(self, event: TapEvent, state: State, tap_stats: State) -> tuple[Tensor, State]:
+    def tap(
+        self, event: TapEvent, state: ReplayBiasState, tap_stats: ReplayBiasTapStats
+    ) -> tuple[Tensor, ReplayBiasTapStats]:
         opts = self.options
         value, grad, labels = event.value, event.grad, event.labels
         if value.dim() != 2 or labels is None or labels.dim() != 1 or labels.is_floating_point():
@@ -214,7 +232,7 @@ class ReplayBias(Plugin):
         factor = torch.where(valid & _rows(event, opts.groups), weight[label], 1.0)
         return grad * factor.to(grad.dtype)[:, None], new_stats
 
-    def merge_tap_stats(self, state: State, tap_stats: State) -> State:
+    def merge_tap_stats(self, state: ReplayBiasState, tap_stats: ReplayBiasTapStats) -> ReplayBiasState:
         opts = self.options
         step_len, state_len = tap_stats["count"].shape[0], state["count"].shape[0]
         length = max(step_len, state_len)
@@ -230,7 +248,7 @@ class ReplayBias(Plugin):
         new_state["task_steps"] = task_steps
         return new_state
 
-    def metrics(self, state: State) -> dict[str, Any]:
+    def metrics(self, state: ReplayBiasState) -> dict[str, Any]:
         """``ant`` and ``weight`` per class (NaN / 1 for classes not seen), ``count``, ``task_steps``.
 
         ``weight`` is what the next step gives a class before its own rows are added (1 during

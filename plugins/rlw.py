@@ -6,7 +6,8 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer import GroupStats, PluginOptions, State
+from balancer.contract.weighting import GramWeighting
 
 from ._seeded import group_normals
 
@@ -20,7 +21,7 @@ class RLWOptions(PluginOptions):
     std: float = Field(1.0, gt=0.0, description="Standard deviation of the normal samples (paper: 1).")
 
 
-class RLW(Plugin):
+class RLW(GramWeighting):
     """Random weights every step: the softmax of standard normal samples (Lin et al. 2022).
 
     Lin, Ye, Zhang, Tsang, *Reasonable Effectiveness of Random Weighting: A Litmus Test for
@@ -41,10 +42,9 @@ class RLW(Plugin):
     """
 
     name = "rlw"
-    version = "1"
     Options = RLWOptions
     options: RLWOptions
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
-        samples = group_normals(stats.names, self.options.seed, stats.step, self.name, weights.device)
-        return weights * torch.softmax(self.options.std * samples, dim=0), state
+    def weigh(self, stats: GroupStats, state: State) -> tuple[Tensor, State]:
+        samples = group_normals(stats.names, self.options.seed, stats.step, self.name, stats.gram.device)
+        return torch.softmax(self.options.std * samples, dim=0), state

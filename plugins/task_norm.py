@@ -8,18 +8,27 @@ rescale each task so that its contribution to the update has the same norm.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypedDict
 
 import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, PluginOptions, State
+from balancer import GroupStats, PluginOptions
+from balancer.contract.weighting import GramWeighting
 
-from ._named import check_nonnegative, check_scalars_by_name
+from ._named import ByName, check_nonnegative, check_scalars_by_name, gather_by_name, scatter_by_name
 from ._options import refuse_ignored
 
-__all__ = ["TaskNorm", "TaskNormOptions"]
+__all__ = ["TaskNorm", "TaskNormOptions", "TaskNormState"]
+
+
+class TaskNormState(TypedDict):
+    """State of :class:`TaskNorm`."""
+
+    ema_norms: ByName  # EMA of each group's contribution norm (with beta > 0), by group name
+    ema_target: Tensor  # 0-d: EMA of the target (target="ema"); NaN before the first step
+    updates: int  # update() calls so far
 
 
 class TaskNormOptions(PluginOptions):
@@ -56,7 +65,7 @@ class TaskNormOptions(PluginOptions):
         return self
 
 
-class TaskNorm(Plugin):
+class TaskNorm(GramWeighting):
     """Equalizes per-group gradient norms: w_k = (target / ‖g_k‖)^alpha (Wu et al. 2025).
 
     With incoming weights ``v`` (ones when it is the first plugin), the norm of group k's
@@ -77,15 +86,14 @@ class TaskNorm(Plugin):
     """
 
     name = "task_norm"
-    version = "1"
     Options = TaskNormOptions
     options: TaskNormOptions
     nonfinite_state = {"ema_target": "nan"}  # NaN: no target yet (the EMA starts at the next mean)
 
-    def init(self) -> State:
-        return {"ema_norms": {}, "ema_target": torch.tensor(float("nan"), dtype=torch.float64), "updates": 0}
+    def init(self) -> TaskNormState:
+        return TaskNormState(ema_norms={}, ema_target=torch.tensor(float("nan"), dtype=torch.float64), updates=0)
 
-    def check_state(self, state: State) -> None:
+    def check_state(self, state: TaskNormState) -> None:
         """EMA norms: a 0-d tensor per group name, finite and not negative (a NaN norm would give
         its group weight 0 at every later step); a target and an update count not negative."""
         super().check_state(state)
@@ -93,14 +101,13 @@ class TaskNorm(Plugin):
         check_nonnegative(state["ema_target"], "ema_target")
         check_nonnegative(state["updates"], "updates")
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
+    def weigh(self, stats: GroupStats, state: TaskNormState) -> tuple[Tensor, TaskNormState]:
         opts = self.options
-        contrib = weights.abs() * stats.norms
+        contrib = stats.norms  # of the weighted gradients: |v_k|·‖g_k‖
         ema_norms = dict(state["ema_norms"])
         if opts.beta > 0.0:
-            prev = torch.stack([ema_norms.get(n, c).to(contrib) for n, c in zip(stats.names, contrib, strict=True)])
-            contrib = opts.beta * prev + (1.0 - opts.beta) * contrib
-            ema_norms.update({n: c for n, c in zip(stats.names, contrib, strict=True)})
+            contrib = opts.beta * gather_by_name(ema_norms, stats.names, contrib) + (1.0 - opts.beta) * contrib
+            ema_norms = scatter_by_name(ema_norms, stats.names, contrib)
         positive = contrib > 0
         count = positive.sum()
         mean = torch.where(positive, contrib, 0.0).sum() / count.clamp_min(1)
@@ -121,5 +128,4 @@ class TaskNorm(Plugin):
         factor = torch.where(positive, (target / safe) ** opts.alpha, 0.0)
         if opts.max_weight is not None:
             factor = factor.clamp(max=opts.max_weight)
-        new_state = {"ema_norms": ema_norms, "ema_target": ema_target, "updates": state["updates"] + 1}
-        return weights * factor, new_state
+        return factor, TaskNormState(ema_norms=ema_norms, ema_target=ema_target, updates=state["updates"] + 1)

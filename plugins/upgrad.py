@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from balancer import GroupStats, Plugin, State
+from balancer import GroupStats, State
+from balancer.contract.weighting import GramWeighting
 
 from ._dual_cone import DualConeOptions, project_onto_dual_cone
-from ._gram import weighted_gram
 
 __all__ = ["UPGrad", "UPGradOptions"]
 
@@ -17,7 +17,7 @@ class UPGradOptions(DualConeOptions):
     """Options of :class:`UPGrad`."""
 
 
-class UPGrad(Plugin):
+class UPGrad(GramWeighting):
     """Unconflicting projection of gradients: each g_i projected onto the dual cone, averaged (Quinton & Rey 2024).
 
     Quinton and Rey, *Jacobian Descent for Multi-Objective Optimization* (arXiv 2406.16232,
@@ -42,13 +42,12 @@ class UPGrad(Plugin):
     """
 
     name = "upgrad"
-    version = "1"
     Options = UPGradOptions
     options: UPGradOptions
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
-        gram = weighted_gram(stats.gram, weights)
+    def weigh(self, stats: GroupStats, state: State) -> tuple[Tensor, State]:
+        gram = stats.gram
         k = gram.shape[0]
         eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
         projections = project_onto_dual_cone(gram, eye, self.options.reg_eps)  # row i: v_i, a batch of k QPs
-        return weights * projections.mean(0), state
+        return projections.mean(0), state

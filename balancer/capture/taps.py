@@ -1,8 +1,8 @@
 """Tensor taps: ``opt.tap(tensor, group=..., labels=...)``.
 
 A tap is the identity in the forward pass. In the backward pass the gradient arriving at the
-tapped tensor is shown, row by row and tagged by group, to every plugin that implements
-:meth:`~balancer.Plugin.tap`; each may return a rescaled gradient (Balanced-DPO at the
+tapped tensor is shown, row by row and tagged by group, to every tap plugin
+(:meth:`~balancer.TapPlugin.tap`); each may return a rescaled gradient (Balanced-DPO at the
 log-probabilities, GSA at the logits) and add to its per-step statistics. At step time those
 statistics are summed over data-parallel ranks and folded into the plugin's state, so every
 rank keeps an identical state.
@@ -22,6 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from balancer._checks import check_group_name
 from balancer._copy import copy_state
+from balancer.contract.plugin import TapPlugin
 from balancer.contract.tap_event import TapEvent
 from balancer.errors import CaptureError, PluginError
 
@@ -68,7 +69,7 @@ class TapHub:
     """The Balancer's side of taps: routes tapped gradients to plugins, keeps the step's stats."""
 
     def __init__(self, plugins: Sequence[Plugin]) -> None:
-        self._plugins = tuple(p for p in plugins if p.uses_taps)
+        self._plugins = tuple(p for p in plugins if isinstance(p, TapPlugin))
         self._stats: dict[str, State] = {}
         self.discard()
 
@@ -112,7 +113,7 @@ class TapHub:
 
         return _Tap.apply(tensor, on_grad)
 
-    def _check(self, plugin: Plugin, grad: Tensor, new_grad: Any, new_stats: Any) -> None:
+    def _check(self, plugin: TapPlugin, grad: Tensor, new_grad: Any, new_stats: Any) -> None:
         if not isinstance(new_grad, Tensor) or new_grad.shape != grad.shape:
             found = tuple(new_grad.shape) if isinstance(new_grad, Tensor) else type(new_grad).__name__
             raise PluginError(

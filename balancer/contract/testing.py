@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from balancer.capture.taps import row_groups
-from balancer.contract.plugin import Plugin, State
+from balancer.contract.plugin import Plugin, State, TapPlugin
 from balancer.contract.stats import GroupStats
 from balancer.contract.tap_event import TapEvent
 
@@ -241,7 +241,7 @@ def tap_event(
     return TapEvent(grad=grad, value=value.detach(), names=names, group_index=index, labels=labels)
 
 
-def _check_taps(plugin: Plugin, events: Sequence[TapEvent], steps: int) -> None:
+def _check_taps(plugin: TapPlugin, events: Sequence[TapEvent], steps: int) -> None:
     state = plugin.init()
     init_structure = _structure(state, deep=False)
     for t in range(steps):
@@ -290,6 +290,9 @@ def check_plugin(
 ) -> None:
     """Runs every conformance check on ``plugin``; raises ``AssertionError`` on the first failure."""
     if tap_events:
+        assert isinstance(plugin, TapPlugin), (
+            f"Plugin `{plugin.name}` got tap_events but is not a TapPlugin: it never sees tapped gradients."
+        )
         _check_taps(plugin, tap_events, steps)
     sizes = [num_groups] if isinstance(num_groups, int) else list(num_groups)
     for k in sizes:

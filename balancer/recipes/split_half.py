@@ -38,7 +38,8 @@ import torch
 from torch import Tensor
 
 from balancer.config import build_plugins
-from balancer.contract.plugin import InvalidStateError, Plugin, State
+from balancer.contract.chain import Chain
+from balancer.contract.plugin import Plugin, State
 from balancer.contract.registry import Registry
 from balancer.contract.stats import GroupStats
 
@@ -123,39 +124,35 @@ class SplitHalf(Plugin):
 
     ``plugins`` takes what ``Balancer(plugins=...)`` takes: names, ``(name, options)`` pairs,
     specs or instances. The incoming weight of a task is the mean of its halves' incoming weights
-    (ones when this is the first plugin). The inner plugins' states are kept under their names in
-    this plugin's state, so a checkpoint loads only into a ``SplitHalf`` with the same inner plugins.
+    (ones when this is the first plugin). The inner plugins run as a :class:`~balancer.contract.chain.Chain`
+    (errors name them ``split_half.<name>``); their states are kept under their names in this
+    plugin's state, so a checkpoint loads only into a ``SplitHalf`` with the same inner plugins.
     """
 
     name = "split_half"
 
     def __init__(self, plugins: Iterable[Any] = (), *, registry: Registry | None = None) -> None:
         super().__init__()
-        self.inner: tuple[Plugin, ...] = tuple(build_plugins(plugins, registry, prefix="split_half."))
+        self.chain = Chain(build_plugins(plugins, registry, prefix="split_half."), prefix="split_half.")
+
+    @property
+    def inner(self) -> tuple[Plugin, ...]:
+        """The plugins run on the pooled tasks, in order."""
+        return self.chain.plugins
 
     def init(self) -> State:
-        return {plugin.name: plugin.init() for plugin in self.inner}
+        return self.chain.init()
 
     def check_state(self, state: State) -> None:
         """One entry per inner plugin, each checked by that plugin (its own "unknown" markers included)."""
-        names = [plugin.name for plugin in self.inner]
-        if not isinstance(state, dict) or sorted(state) != sorted(names):
-            found = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise InvalidStateError("", f"found {found}; expected one entry per inner plugin {names}")
-        for plugin in self.inner:
-            try:
-                plugin.check_state(state[plugin.name])
-            except InvalidStateError as exc:
-                raise InvalidStateError(f"{plugin.name}.{exc.path}" if exc.path else plugin.name, exc.problem) from None
+        self.chain.check_state(state)
 
     def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
         _, rows = task_layout(stats.names)
         matrix = _pooling_matrix(rows, stats.num_groups, weights)
         pooled = dataclasses.replace(pool_halves(stats), weights=None)
         task_weights = (matrix @ weights.to(matrix)) / matrix.sum(dim=1)
-        new_state = dict(state)
-        for plugin in self.inner:
-            task_weights, new_state[plugin.name] = plugin.update(pooled, task_weights, state[plugin.name])
+        task_weights, new_state = self.chain.update(pooled, task_weights, state)
         return matrix.T @ task_weights.to(matrix), new_state
 
     def __repr__(self) -> str:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from balancer import Balancer, CaptureError, NonFiniteGradientError, Plugin
+from balancer import Balancer, CaptureError, NonFiniteGradientError, TapPlugin
 
 f64 = torch.float64
 
@@ -169,7 +169,7 @@ def test_without_groups_it_is_torch_clip_grad_norm():
     assert total > 0.7
 
 
-class _DoubleA(Plugin):
+class _DoubleA(TapPlugin):
     """Doubles the tapped gradient rows of group `a` (a test tap plugin)."""
 
     name = "double_a"

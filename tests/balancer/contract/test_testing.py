@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from balancer import Plugin
+from balancer import Plugin, TapPlugin
 from balancer.contract.testing import check_plugin, tap_event
 
 
@@ -89,7 +89,7 @@ def test_check_plugin_accepts_a_conforming_plugin():
     check_plugin(_FirstGroupSpecial(), permutation_equivariant=False)
 
 
-class _TapCounter(Plugin):
+class _TapCounter(TapPlugin):
     """A well-behaved tap plugin; subclasses break one rule each."""
 
     name = "tap_counter"
