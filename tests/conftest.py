@@ -1,9 +1,51 @@
-"""Shared fixtures: a small model and data with groups of very different gradient scale."""
+"""Shared fixtures: a small model and data with groups of very different gradient scale, and the
+device the device-aware tests run on.
+
+``BALANCER_TEST_DEVICE=cuda python -m pytest ...`` runs them on the GPU (default ``cpu``): the
+``device`` fixture, the plugin suite, the core step tests and the no-host-sync checks then put
+their tensors there. Tests marked ``cpu_only`` are skipped on another device, with their reason.
+"""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+DEVICE_ENV = "BALANCER_TEST_DEVICE"
+
+
+def selected_device() -> torch.device:
+    """The device named by ``BALANCER_TEST_DEVICE`` (default ``cpu``)."""
+    return torch.device(os.environ.get(DEVICE_ENV, "cpu").strip() or "cpu")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    device = selected_device()
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(
+            f"{DEVICE_ENV}={os.environ[DEVICE_ENV]} but torch.cuda.is_available() is False "
+            f"(torch {torch.__version__}). Unset {DEVICE_ENV} to test on the CPU, or run where a GPU is visible."
+        )
+    if device.type not in ("cpu", "cuda"):
+        raise pytest.UsageError(f"{DEVICE_ENV}={os.environ[DEVICE_ENV]}: use `cpu` or `cuda` (or `cuda:N`).")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if selected_device().type == "cpu":
+        return
+    for item in items:
+        marker = item.get_closest_marker("cpu_only")
+        if marker is not None:
+            reason = marker.args[0] if marker.args else marker.kwargs.get("reason", "runs on the CPU only")
+            item.add_marker(pytest.mark.skip(reason=f"{DEVICE_ENV}={selected_device()}: {reason}"))
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where device-aware tests put their tensors: ``BALANCER_TEST_DEVICE`` (default ``cpu``)."""
+    return selected_device()
 
 
 def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Module:

@@ -1,4 +1,5 @@
-"""Fixtures shared by the plugin tests: the anchor libraries, imported for comparison only."""
+"""Fixtures shared by the plugin tests: the anchor libraries (imported for comparison only, in tests
+marked ``anchors``), the direction of a plugin's weights, a real model's step."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ def _load_libmtl_weighting() -> types.ModuleType:
     The weighting subpackage itself only needs torch, numpy and scipy, so a bare package
     object pointing at the installed folder is enough to import it.
     """
+    if "LibMTL.weighting" in sys.modules:
+        return sys.modules["LibMTL.weighting"]
     spec = importlib.util.find_spec("LibMTL")
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("LibMTL is not installed (`pip install --no-deps LibMTL==1.1.5`).")
@@ -26,15 +29,24 @@ def _load_libmtl_weighting() -> types.ModuleType:
     return importlib.import_module("LibMTL.weighting")
 
 
-@pytest.fixture(scope="session")
-def libmtl():
-    """The ``LibMTL.weighting`` module (LibMTL 1.1.5)."""
+def _require_anchors_marker(request: pytest.FixtureRequest) -> None:
+    """The anchor comparisons are one marked set (``-m anchors`` / ``-m "not anchors"``): a test that
+    uses an anchor library without the marker would silently escape the selection."""
+    if request.node.get_closest_marker("anchors") is None:
+        pytest.fail(f"{request.node.nodeid} uses an anchor library: mark it @pytest.mark.anchors.")
+
+
+@pytest.fixture
+def libmtl(request):
+    """The ``LibMTL.weighting`` module (LibMTL 1.1.5); only for tests marked ``anchors``."""
+    _require_anchors_marker(request)
     return _load_libmtl_weighting()
 
 
-@pytest.fixture(scope="session")
-def torchjd_aggregation():
-    """The ``torchjd.aggregation`` module (torchjd 0.18)."""
+@pytest.fixture
+def torchjd_aggregation(request):
+    """The ``torchjd.aggregation`` module (torchjd 0.18); only for tests marked ``anchors``."""
+    _require_anchors_marker(request)
     return pytest.importorskip("torchjd.aggregation")
 
 

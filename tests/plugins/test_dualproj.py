@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from balancer import Balancer, ConfigError
-from balancer.contract.testing import check_plugin
 from balancer.plugins import DualProj
+from tests.plugins.cases import case_params, gradient_cases
 
 f64 = torch.float64
 
@@ -18,19 +17,14 @@ def reference(dual_cone_projection):
     return lambda a: dual_cone_projection(a, a.mean(0))
 
 
-def _cases():
-    gen = torch.Generator().manual_seed(4)
-    g, h = torch.randn(2, 7, generator=gen, dtype=f64)
-    yield "random", torch.randn(5, 7, generator=gen, dtype=f64)
-    yield "rank-deficient", torch.randn(5, 2, generator=gen, dtype=f64) @ torch.randn(2, 7, generator=gen, dtype=f64)
-    yield "collinear", torch.stack([g, 3 * g, 0.1 * g])
-    yield "opposite", torch.stack([g, -g, h])
-    yield "zero row", torch.stack([g, torch.zeros_like(g), h])
-    yield "k=1", g[None]
-    yield "badly scaled", torch.stack([g * 1e-6, h, (g - h) * 1e5])
+CASES = gradient_cases(
+    4,
+    random_shape=(5, 7),
+    names=("random", "rank-deficient", "collinear", "opposite", "zero row", "k=1", "badly scaled"),
+)
 
 
-@pytest.mark.parametrize(("name", "a"), list(_cases()), ids=[n for n, _ in _cases()])
+@pytest.mark.parametrize(("name", "a"), case_params(CASES))
 def test_direction_is_the_projected_mean(name, a, direction, reference):
     w, d = direction(DualProj(), a)
     assert torch.isfinite(w).all()
@@ -38,6 +32,7 @@ def test_direction_is_the_projected_mean(name, a, direction, reference):
     assert (a @ d >= -1e-9 * a.norm() ** 2).all()
 
 
+@pytest.mark.anchors
 @pytest.mark.parametrize("seed", range(8))
 def test_equals_torchjd(torchjd_aggregation, seed, direction):
     """Same reg_eps convention as torchjd's default projector (1e-4 on the trace-normalised Gram)."""
@@ -67,13 +62,3 @@ def test_incoming_weights_compose(direction, reference):
 def test_real_model_update_is_lr_times_direction(real_model_step, reference):
     update, grads = real_model_step(["dualproj"], 0.05)
     torch.testing.assert_close(update, 0.05 * reference(grads), rtol=1e-6, atol=1e-9 * 0.05 * grads.norm(dim=1).max())
-
-
-def test_conformance():
-    check_plugin(DualProj())
-
-
-@pytest.mark.parametrize("options", [{"reg_eps": -1.0}, {"pref_vector": [1, 2]}])
-def test_bad_options_are_refused(options, model):
-    with pytest.raises(ConfigError, match="plugins.0.options"):
-        Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=[("dualproj", options)])

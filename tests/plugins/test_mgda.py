@@ -7,9 +7,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from balancer import Balancer, ConfigError
-from balancer.contract.testing import check_plugin
 from balancer.plugins import MGDA
+from tests.plugins.cases import case_params, gradient_cases
 
 f64 = torch.float64
 
@@ -30,17 +29,15 @@ def _reference(a):
     return torch.from_numpy(res.x @ an)
 
 
-def _cases():
-    gen = torch.Generator().manual_seed(5)
-    g, h = torch.randn(2, 7, generator=gen, dtype=f64)
-    yield "random", torch.randn(5, 9, generator=gen, dtype=f64)
-    yield "rank-deficient", torch.randn(5, 2, generator=gen, dtype=f64) @ torch.randn(2, 7, generator=gen, dtype=f64)
-    yield "collinear", torch.stack([g, 3 * g, 0.1 * g])
-    yield "k=1", g[None]
-    yield "badly scaled", torch.stack([g * 1e-3, h, (g - h) * 1e3])
+CASES = gradient_cases(
+    5,
+    random_shape=(5, 9),
+    badly_scaled=(1e-3, 1e3),
+    names=("random", "rank-deficient", "collinear", "k=1", "badly scaled"),
+)
 
 
-@pytest.mark.parametrize(("name", "a"), list(_cases()), ids=[n for n, _ in _cases()])
+@pytest.mark.parametrize(("name", "a"), case_params(CASES))
 def test_direction_is_the_min_norm_point(name, a, direction):
     w, d = direction(MGDA(), a)
     assert torch.isfinite(w).all() and abs(w.sum().item() - 1) < 1e-9 and (w >= 0).all()
@@ -70,6 +67,7 @@ def test_pareto_stationary_and_extreme_cases(a, expected, direction):
     assert d.norm() <= expected * (1 + 1e-9) + 1e-12 * (w.abs() @ a.norm(dim=1))
 
 
+@pytest.mark.anchors
 @pytest.mark.parametrize("seed", range(6))
 def test_equals_torchjd_with_two_groups(torchjd_aggregation, seed, direction):
     """With 2 groups torchjd's Frank-Wolfe step is an exact line search over the whole hull."""
@@ -82,6 +80,7 @@ def test_equals_torchjd_with_two_groups(torchjd_aggregation, seed, direction):
     torch.testing.assert_close(w, torchjd_aggregation.MGDAWeighting()(a @ a.T), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.anchors
 @pytest.mark.parametrize("seed", range(6))
 def test_never_worse_than_torchjd(torchjd_aggregation, seed, direction):
     """With more groups torchjd's Frank-Wolfe (epsilon=1e-3, at most 100 steps, and it cannot take weight
@@ -106,6 +105,7 @@ def _libmtl_direction(libmtl, a, losses, ntype):
     return sol.to(f64) @ grads.to(f64)
 
 
+@pytest.mark.anchors
 @pytest.mark.parametrize("ntype", ["none", "l2", "loss", "loss+"])
 @pytest.mark.parametrize("seed", range(4))
 def test_equals_libmtl(libmtl, ntype, seed, direction):
@@ -124,6 +124,7 @@ def test_equals_libmtl(libmtl, ntype, seed, direction):
         assert (d - ref).norm() <= 2e-4 * d.norm()  # measured: 6e-6 to 8.5e-5
 
 
+@pytest.mark.anchors
 def test_libmtl_nan_cases_are_finite_here(libmtl, direction):
     """LibMTL's 'l2' normalisation divides a zero gradient by 0 (NaN); here the factor counts as 1."""
     a = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0], [0.0, 3.0, 1.0]], dtype=f64)
@@ -168,14 +169,3 @@ def test_incoming_weights_compose(direction):
 def test_real_model_update_is_lr_times_direction(real_model_step):
     update, grads = real_model_step(["mgda"], 0.05)
     torch.testing.assert_close(update, 0.05 * _reference(grads), rtol=1e-6, atol=1e-9 * 0.05 * grads.norm(dim=1).max())
-
-
-@pytest.mark.parametrize("options", [{}, {"normalization": "l2"}, {"normalization": "loss+"}])
-def test_conformance(options):
-    check_plugin(MGDA(options))
-
-
-@pytest.mark.parametrize("options", [{"normalization": "l1"}, {"epsilon": 1e-3}])
-def test_bad_options_are_refused(options, model):
-    with pytest.raises(ConfigError, match="plugins.0.options"):
-        Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=[("mgda", options)])

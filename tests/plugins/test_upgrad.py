@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from balancer import Balancer, ConfigError
-from balancer.contract.testing import check_plugin
 from balancer.plugins import UPGrad
+from tests.plugins.cases import case_params, gradient_cases
 
 f64 = torch.float64
 
@@ -18,19 +17,14 @@ def reference(dual_cone_projection):
     return lambda a: torch.stack([dual_cone_projection(a, g) for g in a]).mean(0)
 
 
-def _cases():
-    gen = torch.Generator().manual_seed(3)
-    g, h = torch.randn(2, 7, generator=gen, dtype=f64)
-    yield "random", torch.randn(4, 7, generator=gen, dtype=f64)
-    yield "rank-deficient", torch.randn(5, 2, generator=gen, dtype=f64) @ torch.randn(2, 7, generator=gen, dtype=f64)
-    yield "collinear", torch.stack([g, 3 * g, 0.1 * g])
-    yield "opposite", torch.stack([g, -g, h])
-    yield "zero row", torch.stack([g, torch.zeros_like(g), h])
-    yield "k=1", g[None]
-    yield "badly scaled", torch.stack([g * 1e-6, h, (g - h) * 1e5])
+CASES = gradient_cases(
+    3,
+    random_shape=(4, 7),
+    names=("random", "rank-deficient", "collinear", "opposite", "zero row", "k=1", "badly scaled"),
+)
 
 
-@pytest.mark.parametrize(("name", "a"), list(_cases()), ids=[n for n, _ in _cases()])
+@pytest.mark.parametrize(("name", "a"), case_params(CASES))
 def test_direction_is_the_mean_of_the_projections(name, a, direction, reference):
     w, d = direction(UPGrad(), a)
     assert torch.isfinite(w).all()
@@ -39,6 +33,7 @@ def test_direction_is_the_mean_of_the_projections(name, a, direction, reference)
     assert (a @ d >= -1e-9 * a.norm() ** 2).all()  # conflicts with no group
 
 
+@pytest.mark.anchors
 @pytest.mark.parametrize("seed", range(8))
 def test_equals_torchjd(torchjd_aggregation, seed, direction):
     """torchjd's default projector adds reg_eps=1e-4 to the trace-normalised Gram (and zeroes it below
@@ -59,6 +54,7 @@ def test_equals_torchjd(torchjd_aggregation, seed, direction):
     torch.testing.assert_close(direction(UPGrad(reg_eps=1e-4), a)[0], weights, rtol=1e-5, atol=1e-8)
 
 
+@pytest.mark.anchors
 def test_scale_invariant_unlike_torchjd_norm_eps(torchjd_aggregation, direction):
     a = torch.randn(3, 5, generator=torch.Generator().manual_seed(0), dtype=f64)
     w1, _ = direction(UPGrad(), a)
@@ -81,14 +77,3 @@ def test_real_model_update_is_lr_times_direction(real_model_step, reference):
     lr = 0.05
     update, grads = real_model_step(["upgrad"], lr)
     torch.testing.assert_close(update, lr * reference(grads), rtol=1e-6, atol=1e-9 * lr * grads.norm(dim=1).max())
-
-
-def test_conformance():
-    check_plugin(UPGrad())
-    check_plugin(UPGrad(reg_eps=1e-4))
-
-
-@pytest.mark.parametrize("options", [{"reg_eps": -1.0}, {"reg_eps": 2.0}, {"pref": 1}])
-def test_bad_options_are_refused(options, model):
-    with pytest.raises(ConfigError, match="plugins.0.options"):
-        Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=[("upgrad", options)])

@@ -108,3 +108,17 @@ def test_spearman():
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     assert spearman([1, 2, 3], [1, 1, 1]) is None
     assert spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(0.9486832980505138)
+
+
+def test_progress_goes_to_stderr_as_lines_when_it_is_not_a_terminal(tmp_path, capsys):
+    assert main(["demo", "--quick", "--steps", "2", "--out", str(tmp_path)]) == 0
+
+    err = capsys.readouterr().err
+    assert "\r" not in err  # no progress bar
+    lines = err.splitlines()
+    assert [line.split("  ")[0] for line in lines] == [
+        "baseline: step 1/2",
+        "baseline: step 2/2",
+        "task_norm: step 1/2",
+        "task_norm: step 2/2",
+    ]

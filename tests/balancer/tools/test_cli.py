@@ -1,5 +1,6 @@
-"""The ``balancer`` command: ``plugins`` (table and JSON), ``config-schema``, ``demo`` errors and
-usage, called through ``balancer.tools.cli.main``, plus one run of the installed console script."""
+"""The ``balancer`` command: ``plugins`` (table and JSON), ``config-schema``, ``demo`` errors,
+``--version`` and usage, called through ``balancer.tools.cli.main``, plus runs of the installed
+console script; the lazy imports that keep ``--help`` fast; the message when the demo extra is missing."""
 
 from __future__ import annotations
 
@@ -182,3 +183,51 @@ def test_help_lists_the_commands(capsys) -> None:
 
     assert excinfo.value.code == 0
     assert "{plugins,config-schema,demo,report}" in capsys.readouterr().out
+
+
+def test_version_prints_the_installed_version(capsys) -> None:
+    with pytest.raises(SystemExit) as excinfo:
+        main(["--version"])
+
+    assert excinfo.value.code == 0
+    assert capsys.readouterr().out == f"balancer {importlib.metadata.version(OWN)}\n"
+
+
+# -- lazy imports -------------------------------------------------------------------------------
+def _fresh_python(code: str) -> str:
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    return result.stdout.strip()
+
+
+def test_help_and_the_package_import_no_torch() -> None:
+    """`balancer --help` answered in 5.7 s because `import balancer` imported torch; it imports nothing heavy now."""
+    code = (
+        "import sys\nimport balancer\nfrom balancer.tools.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'pydantic', 'matplotlib', 'numpy') if m in sys.modules))"
+    )
+    assert _fresh_python(code).splitlines()[-1] == "[]"
+
+
+def test_every_public_name_resolves_on_first_use() -> None:
+    code = (
+        "import balancer\nfrom balancer import Balancer, hookimpl\nfrom balancer.optimizer import Balancer as B\n"
+        "assert Balancer is B\nmissing = [n for n in balancer.__all__ if not hasattr(balancer, n)]\n"
+        "print(missing, set(balancer.__all__) <= set(dir(balancer)), balancer.optimizer.__name__)"
+    )
+    assert _fresh_python(code) == "[] True balancer.optimizer"
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        balancer.nope  # noqa: B018
+
+
+def test_a_missing_demo_extra_names_the_install_command(monkeypatch, tmp_path, capsys) -> None:
+    for name in [m for m in sys.modules if m.split(".")[0] == "matplotlib"] + ["matplotlib"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import matplotlib...` now raises ImportError
+    monkeypatch.delitem(sys.modules, "balancer.tools.report", raising=False)
+    (tmp_path / "m.jsonl").write_text('{"run": "a", "step": 0}\n')
+
+    assert main(["report", str(tmp_path / "m.jsonl")]) == 2
+
+    err = capsys.readouterr().err
+    assert err.startswith("balancer report: error: `balancer demo` and `balancer report` need `matplotlib`")
+    assert err.rstrip().endswith('pip install "gradient-balancer[demo]"')

@@ -1,4 +1,4 @@
-"""MetricsLogger: one strict-JSON line per step, from any training loop; read_metrics groups by run."""
+"""MetricsLogger: one strict-JSON line per step, from any training loop; read_metrics groups by run (and run id)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,9 @@ def test_a_line_holds_group_and_task_statistics(tmp_path, opt_and_model):
     _step(opt, model, scale=10.0)
     path = tmp_path / "logs" / "metrics.jsonl"
 
-    with MetricsLogger(path, run="tn") as log:
+    with MetricsLogger(
+        path, run="tn", tasks=pool_halves, task_series={"sq_norms_split_half": split_half_sq_norms}
+    ) as log:
         returned = log.log(opt, step=7, extra={"reward": {"a": 0.5, "b": torch.tensor(0.25)}, "lr": 0.01})
 
     [line] = path.read_text().splitlines()
@@ -41,7 +43,7 @@ def test_a_line_holds_group_and_task_statistics(tmp_path, opt_and_model):
     assert record == returned
     stats = opt.last_stats
     tasks = pool_halves(stats)
-    assert record["run"] == "tn" and record["step"] == 7
+    assert record["run"] == "tn" and record["run_id"] == 1 and record["step"] == 7
     assert record["groups"] == ["a/A", "a/B", "b"] and record["tasks"] == ["a", "b"]
     assert record["norms"] == pytest.approx(stats.norms.tolist(), rel=1e-12)
     assert record["weights"] == stats.weights.tolist()
@@ -71,6 +73,62 @@ def test_runs_share_a_file_and_read_back_in_order(tmp_path, opt_and_model):
 
     assert list(runs) == ["baseline", "balanced"]
     assert [[r["step"] for r in records] for records in runs.values()] == [[0, 1, 2], [0, 1, 2]]
+
+
+def test_without_a_task_pooling_every_group_is_a_task(tmp_path, opt_and_model):
+    opt, model = opt_and_model
+    _step(opt, model, scale=10.0)
+
+    with MetricsLogger(tmp_path / "m.jsonl") as log:
+        record = log.log(opt, step=0)
+
+    stats = opt.last_stats
+    assert record["tasks"] == record["groups"] == ["a/A", "a/B", "b"]  # the metrics log knows no naming scheme
+    assert record["task_sq_norms"] == pytest.approx(stats.sq_norms.tolist(), rel=1e-12)
+    assert record["task_weights"] == record["weights"]
+    assert not any(key.startswith("task_sq_norms_") for key in record)
+    assert record["imbalance_ratio"] == pytest.approx(max(record["task_sq_norms"]) / min(record["task_sq_norms"]))
+
+
+def test_task_series_cannot_replace_the_records_own_fields(tmp_path):
+    with pytest.raises(ValueError, match=r"\['weights'\] would replace"):
+        MetricsLogger(tmp_path / "m.jsonl", task_series={"weights": split_half_sq_norms})
+
+
+def test_a_run_appended_to_a_log_is_a_run_of_its_own(tmp_path, opt_and_model):
+    """Appending a second run under the same name used to mix both runs' steps into one zig-zag curve."""
+    opt, model = opt_and_model
+    path = tmp_path / "metrics.jsonl"
+    for _ in range(2):
+        with MetricsLogger(path, run="tn") as log:
+            for step in range(3):
+                _step(opt, model, scale=1.0)
+                log.log(opt, step=step)
+    with MetricsLogger(path, run="other") as log:
+        log.log(opt, step=0)
+
+    runs = read_metrics(path)
+
+    assert list(runs) == ["tn #1", "tn #2", "other"]
+    assert [[r["step"] for r in records] for records in runs.values()] == [[0, 1, 2], [0, 1, 2], [0]]
+    assert [records[0]["run_id"] for records in runs.values()] == [1, 2, 3]
+    with MetricsLogger(path, append=False) as fresh:
+        assert fresh.run_id == 1  # a fresh file starts again
+
+
+def test_lines_without_a_run_id_start_a_run_where_the_step_restarts(tmp_path):
+    path = tmp_path / "m.jsonl"
+    steps = [0, 1, 2, 0, 1]
+    path.write_text("".join(json.dumps({"run": "old", "step": s}) + "\n" for s in steps))
+
+    runs = read_metrics(path)
+
+    assert {name: [r["step"] for r in records] for name, records in runs.items()} == {
+        "old #1": [0, 1, 2],
+        "old #2": [0, 1],
+    }
+    with MetricsLogger(path, run="new") as log:
+        assert log.run_id == 1  # the old lines have no run id to follow
 
 
 def test_logging_needs_a_grouped_step_and_an_open_logger(tmp_path):
