@@ -25,35 +25,77 @@ the GRPO demo (:mod:`balancer.demo`).
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from balancer.config import BalancerConfig, PluginSpec, build_plugins, config_schema, load_config
-from balancer.contract.hookspecs import hookimpl
-from balancer.contract.plugin import InvalidStateError, Plugin, PluginOptions, State
-from balancer.contract.registry import PluginInfo, Registry, default_registry, list_plugins
-from balancer.contract.stats import GroupStats
-from balancer.contract.tap_event import TapEvent
-from balancer.errors import (
-    BalancerError,
-    BalancerWarning,
-    CaptureError,
-    ConfigError,
-    GroupMismatchError,
-    NonFiniteGradientError,
-    NonFiniteGradientWarning,
-    PluginError,
-    PluginLoadError,
-    PluginWarning,
-    StateDictError,
-)
-from balancer.optimizer import Balancer
-from balancer.recipes.split_half import SplitHalf
-from balancer.tools.metrics import MetricsLogger
+if TYPE_CHECKING:
+    from balancer.config import BalancerConfig, PluginSpec, build_plugins, config_schema, load_config
+    from balancer.contract.hookspecs import hookimpl
+    from balancer.contract.plugin import InvalidStateError, Plugin, PluginOptions, State, TapPlugin
+    from balancer.contract.registry import PluginInfo, Registry, default_registry, list_plugins
+    from balancer.contract.stats import GroupStats
+    from balancer.contract.tap_event import TapEvent
+    from balancer.contract.weighting import GramWeighting
+    from balancer.errors import (
+        BalancerError,
+        BalancerWarning,
+        CaptureError,
+        ConfigError,
+        GroupMismatchError,
+        NonFiniteGradientError,
+        NonFiniteGradientWarning,
+        PluginError,
+        PluginLoadError,
+        PluginWarning,
+        StateDictError,
+    )
+    from balancer.optimizer import Balancer
+    from balancer.recipes.split_half import SplitHalf
+    from balancer.tools.metrics import MetricsLogger
 
-try:
-    __version__ = version("gradient-balancer")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
-    __version__ = "0+unknown"
+    __version__: str
+
+# The public names are imported on first use (PEP 562), so that `import balancer` and the
+# `balancer` command start without importing torch. Name -> the module that defines it.
+_LAZY: dict[str, str] = {
+    "Balancer": "balancer.optimizer",
+    "BalancerConfig": "balancer.config",
+    "PluginSpec": "balancer.config",
+    "build_plugins": "balancer.config",
+    "config_schema": "balancer.config",
+    "load_config": "balancer.config",
+    "hookimpl": "balancer.contract.hookspecs",
+    "InvalidStateError": "balancer.contract.plugin",
+    "Plugin": "balancer.contract.plugin",
+    "PluginOptions": "balancer.contract.plugin",
+    "State": "balancer.contract.plugin",
+    "TapPlugin": "balancer.contract.plugin",
+    "GramWeighting": "balancer.contract.weighting",
+    "PluginInfo": "balancer.contract.registry",
+    "Registry": "balancer.contract.registry",
+    "default_registry": "balancer.contract.registry",
+    "list_plugins": "balancer.contract.registry",
+    "GroupStats": "balancer.contract.stats",
+    "TapEvent": "balancer.contract.tap_event",
+    **dict.fromkeys(
+        [
+            "BalancerError",
+            "BalancerWarning",
+            "CaptureError",
+            "ConfigError",
+            "GroupMismatchError",
+            "NonFiniteGradientError",
+            "NonFiniteGradientWarning",
+            "PluginError",
+            "PluginLoadError",
+            "PluginWarning",
+            "StateDictError",
+        ],
+        "balancer.errors",
+    ),
+    "SplitHalf": "balancer.recipes.split_half",
+    "MetricsLogger": "balancer.tools.metrics",
+}
 
 __all__ = [
     "Balancer",
@@ -63,6 +105,7 @@ __all__ = [
     "CaptureError",
     "ConfigError",
     "GroupMismatchError",
+    "GramWeighting",
     "GroupStats",
     "InvalidStateError",
     "MetricsLogger",
@@ -80,6 +123,7 @@ __all__ = [
     "State",
     "StateDictError",
     "TapEvent",
+    "TapPlugin",
     "__version__",
     "build_plugins",
     "config_schema",
@@ -88,3 +132,33 @@ __all__ = [
     "list_plugins",
     "load_config",
 ]
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gradient-balancer")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree that is not installed
+        return "0+unknown"
+
+
+def __getattr__(name: str) -> Any:
+    """Imports a public name (or a sub-module such as ``balancer.optimizer``) on first use."""
+    if name == "__version__":
+        value: Any = _version()
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+    else:
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

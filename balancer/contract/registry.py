@@ -23,6 +23,8 @@ Name clashes. A plugin name means one class, decided the same way whatever order
   Under ``BALANCER_STRICT_PLUGINS=1`` a clash is a ``PluginLoadError`` and nothing of that entry
   point is registered. A clash inside one distribution, or with :meth:`Registry.register` by
   hand, is always a ``PluginLoadError``.
+
+The wording of clashes (and the advice to pass a class) is in ``balancer.contract._clashes``.
 """
 
 from __future__ import annotations
@@ -37,47 +39,14 @@ from typing import Any
 import pluggy
 
 from balancer.contract import hookspecs
+from balancer.contract._clashes import OWN_DISTRIBUTION, ambiguity, clash, describe, how_to_use, normalize
 from balancer.contract.plugin import Plugin, PluginOptions
 from balancer.errors import PluginLoadError, PluginWarning
 
 __all__ = ["PluginInfo", "Registry", "default_registry", "list_plugins"]
 
 ENTRY_POINT_GROUP = "balancer"
-OWN_DISTRIBUTION = "gradient-balancer"
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-
-
-def _normalize(dist_name: str) -> str:
-    """PEP 503 normalized distribution name: `Gradient_Balancer` and `gradient-balancer` are the same."""
-    return re.sub(r"[-_.]+", "-", dist_name).lower()
-
-
-def _describe(info: PluginInfo) -> str:
-    return f"`{info.distribution}` {info.version}" if info.version else f"`{info.distribution}`"
-
-
-def _ambiguity(name: str, providers: list[PluginInfo]) -> str:
-    return f"Plugin name `{name}` is provided by {' and '.join(map(_describe, providers))}"
-
-
-def _clash(new: PluginInfo, owners: list[PluginInfo]) -> tuple[str, list[PluginInfo]]:
-    """A name clash in words, and the plugins of that name a user can still pick (as classes)."""
-    if _normalize(owners[0].distribution) == OWN_DISTRIBUTION:
-        taken = f"is already taken by the built-in plugin of {_describe(owners[0])}; built-ins are never replaced"
-        return f"Plugin name `{new.name}` of {_describe(new)} {taken}", [new]
-    # Sorted, so that warnings and errors are the same whatever the enumeration order.
-    providers = sorted([*owners, new], key=lambda i: (_normalize(i.distribution), i.version, str(i.plugin_class)))
-    return _ambiguity(new.name, providers), providers
-
-
-def _how_to_use(infos: list[PluginInfo]) -> str:
-    """How to use a plugin that is not available by name: pass its class or an instance."""
-    ways = ", or ".join(
-        f"`Balancer(opt, plugins=[{i.plugin_class.__module__}.{i.plugin_class.__qualname__}()])` for {_describe(i)}"
-        for i in infos
-    )
-    which = "it" if len(infos) == 1 else "one of them"
-    return f"To use {which}, pass the plugin class or an instance instead of the name: {ways}."
 
 
 def _env_flag(name: str) -> bool:
@@ -194,15 +163,15 @@ class Registry:
             owners = [self._plugins[info.name]] if info.name in self._plugins else self._ambiguous.get(info.name, [])
             if not owners:
                 continue
-            if not from_package or any(_normalize(o.distribution) == _normalize(info.distribution) for o in owners):
+            if not from_package or any(normalize(o.distribution) == normalize(info.distribution) for o in owners):
                 by = " and ".join(f"`{o.distribution}`" for o in owners)
                 raise PluginLoadError(
                     f"Plugin name `{info.name}` from `{info.distribution}` is already registered by {by}. "
                     "Rename one of them."
                 )
-            clashes[info.name] = what, usable = _clash(info, owners)
+            clashes[info.name] = what, usable = clash(info, owners)
             if strict:
-                raise PluginLoadError(f"{what}. {_how_to_use(usable)}")
+                raise PluginLoadError(f"{what}. {how_to_use(usable)}")
         messages = []
         for info in found.values():
             what, usable = clashes.get(info.name, ("", []))
@@ -211,7 +180,7 @@ class Registry:
             elif usable == [info]:  # a built-in's name
                 messages.append(
                     f"{what}, so it was skipped (the other plugins of `{info.distribution}` are loaded). "
-                    f"{_how_to_use(usable)} Set BALANCER_STRICT_PLUGINS=1 to make this an error."
+                    f"{how_to_use(usable)} Set BALANCER_STRICT_PLUGINS=1 to make this an error."
                 )
             else:  # another package's name: ambiguous from now on, warned about at the end of load()
                 self._plugins.pop(info.name, None)
@@ -233,7 +202,7 @@ class Registry:
             own_only = _env_flag("BALANCER_DISABLE_PLUGIN_AUTOLOAD")
             dists: dict[str, importlib.metadata.Distribution] = {}  # normalized name -> first found on the path
             for dist in importlib.metadata.distributions():
-                dists.setdefault(_normalize(dist.metadata["Name"] or "<unknown>"), dist)
+                dists.setdefault(normalize(dist.metadata["Name"] or "<unknown>"), dist)
             for key, dist in sorted(dists.items(), key=lambda item: item[0] != OWN_DISTRIBUTION):  # built-ins first
                 if own_only and key != OWN_DISTRIBUTION:
                     continue
@@ -246,9 +215,9 @@ class Registry:
                             warnings.warn(message, PluginWarning, stacklevel=3)
             for name, providers in sorted(self._ambiguous.items()):
                 warnings.warn(
-                    f"{_ambiguity(name, providers)}; the name is ambiguous, so it is left out and asking for "
+                    f"{ambiguity(name, providers)}; the name is ambiguous, so it is left out and asking for "
                     f"it by name is an error (the other plugins of these packages are loaded). "
-                    f"{_how_to_use(providers)} Set BALANCER_STRICT_PLUGINS=1 to make this an error.",
+                    f"{how_to_use(providers)} Set BALANCER_STRICT_PLUGINS=1 to make this an error.",
                     PluginWarning,
                     stacklevel=3,
                 )
@@ -299,8 +268,8 @@ class Registry:
         if name in self._ambiguous:
             providers = self._ambiguous[name]
             raise PluginLoadError(
-                f"Plugin name `{name}` is ambiguous: it is provided by {' and '.join(map(_describe, providers))}. "
-                f"{_how_to_use(providers)} Or uninstall all but one of these packages."
+                f"Plugin name `{name}` is ambiguous: it is provided by {' and '.join(map(describe, providers))}. "
+                f"{how_to_use(providers)} Or uninstall all but one of these packages."
             )
         try:
             return self._plugins[name]

@@ -11,11 +11,13 @@ go to one metrics log (:mod:`balancer.tools.metrics`) and one figure (:mod:`bala
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from balancer.config import build_plugins
 from balancer.demo.grpo import GRPOConfig, LossNorm, train
@@ -23,8 +25,15 @@ from balancer.demo.summary import format_comparison, format_run, summarize
 from balancer.demo.tasks import TASKS
 from balancer.errors import ConfigError
 from balancer.optimizer import Balancer
+from balancer.recipes.split_half import pool_halves, split_half_sq_norms
+from balancer.tools._extras import missing_extra
 from balancer.tools.metrics import MetricsLogger, read_metrics
 from balancer.tools.report import write_report
+
+try:
+    from tqdm import tqdm
+except ImportError as exc:  # pragma: no cover - exercised without the demo extra only
+    raise missing_extra(exc) from exc
 
 __all__ = ["DEFAULT", "QUICK", "run_demo"]
 
@@ -42,14 +51,37 @@ def _parse_plugins(plugins: str) -> list[str]:
     return chosen
 
 
+@contextlib.contextmanager
+def _progress(run: str, total: int) -> Iterator[Callable[[int, dict[str, float]], None]]:
+    """``update(step, rewards)`` after each step: a progress bar on a terminal, else a line per tenth of the run."""
+    if sys.stderr.isatty():
+        with tqdm(total=total, desc=f"{run:>12}", unit="step") as bar:
+
+            def update_bar(step: int, rewards: dict[str, float]) -> None:
+                bar.update()
+                if step % 20 == 0 or step == total - 1:
+                    bar.set_postfix_str(" ".join(f"{t}={r:.2f}" for t, r in rewards.items()), refresh=False)
+
+            yield update_bar
+        return
+    marks = {max(0, round(total * tenth / 10) - 1) for tenth in range(1, 11)}
+
+    def update_line(step: int, rewards: dict[str, float]) -> None:
+        if step in marks:
+            shown = " ".join(f"{t}={r:.2f}" for t, r in rewards.items())
+            print(f"{run}: step {step + 1}/{total}  reward {shown}", file=sys.stderr, flush=True)
+
+    yield update_line
+
+
 def _train_logged(run: str, plugins: list[str], cfg: GRPOConfig, seed: int, log: Path) -> None:
-    with MetricsLogger(log, run=run) as logger, tqdm(total=cfg.steps, desc=f"{run:>12}", unit="step") as bar:
+    """Trains one run, logging each step with the tasks pooled from their halves and the split-half estimates."""
+    logger = MetricsLogger(log, run=run, tasks=pool_halves, task_series={"sq_norms_split_half": split_half_sq_norms})
+    with logger, _progress(run, cfg.steps) as progress:
 
         def on_step(opt: Balancer, step: int, extra: dict[str, dict[str, float]]) -> None:
             logger.log(opt, step=step, extra=extra)
-            bar.update()
-            if step % 20 == 0 or step == cfg.steps - 1:
-                bar.set_postfix_str(" ".join(f"{t}={r:.2f}" for t, r in extra["reward"].items()), refresh=False)
+            progress(step, extra["reward"])
 
         train(TASKS, plugins, cfg, seed, on_step)
 

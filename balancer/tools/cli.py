@@ -1,4 +1,8 @@
-"""The ``balancer`` command: ``plugins``, ``config-schema``, ``demo`` and ``report``."""
+"""The ``balancer`` command: ``plugins``, ``config-schema``, ``demo``, ``report`` and ``--version``.
+
+Each command imports what it needs when it runs (torch, pydantic, matplotlib), so that
+``balancer --help`` and ``balancer --version`` answer at once.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,21 @@ import json
 import sys
 from collections.abc import Sequence
 
-from balancer.config import config_schema
-from balancer.contract.registry import list_plugins
 from balancer.errors import BalancerError
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gradient-balancer")
+    except PackageNotFoundError:  # pragma: no cover - a source tree that is not installed
+        return "0+unknown"
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
+    from balancer.contract.registry import list_plugins
+
     infos = list_plugins()
     if args.json:
         rows = [
@@ -32,6 +45,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
+    from balancer.config import config_schema
+
     print(json.dumps(config_schema(), indent=2))
     return 0
 
@@ -71,6 +86,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="balancer", description="Per-group gradient balancing for PyTorch.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plugins", help="list the available plugins with their distribution and version")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -97,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--threads", type=_positive_int, default=1, help="torch threads while training (default 1)")
     d.set_defaults(func=_cmd_demo)
-    r = sub.add_parser("report", help="plot a metrics log (one column per run) into a PNG")
+    r = sub.add_parser("report", help="plot a metrics log into a PNG: a column per task, every run on the same axes")
     r.add_argument("log", help="a metrics.jsonl written by balancer.tools.metrics.MetricsLogger or balancer demo")
     r.add_argument("-o", "--output", default="report.png", help="the PNG to write (default report.png)")
     r.add_argument("--smooth", type=_positive_int, help="moving-average window in steps (default: 1/15 of the run)")
