@@ -66,7 +66,7 @@ def check_graph_leaves(losses: Iterable[Tensor], trained: Iterable[Tensor]) -> N
     """Walks the autograd graphs once and refuses leaves that require grad but are not optimized."""
     known = {id(p) for p in trained}
     seen: set[int] = set()
-    stack = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
+    stack: list[Any] = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
     foreign: list[tuple[int, ...]] = []
     while stack:
         node = stack.pop()

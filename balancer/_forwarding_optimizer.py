@@ -44,7 +44,7 @@ class ForwardingOptimizer(torch.optim.Optimizer):
         self._patch_step_function()
 
     # -- forwarding: properties with setters, never aliased copies ---------------------------
-    @property  # type: ignore[override]
+    @property
     def param_groups(self) -> list[dict[str, Any]]:
         return self._inner.param_groups
 
@@ -52,7 +52,7 @@ class ForwardingOptimizer(torch.optim.Optimizer):
     def param_groups(self, value: list[dict[str, Any]]) -> None:
         self._inner.param_groups = value
 
-    @property  # type: ignore[override]
+    @property
     def state(self) -> Any:
         return self._inner.state
 
@@ -60,7 +60,7 @@ class ForwardingOptimizer(torch.optim.Optimizer):
     def state(self, value: Any) -> None:
         self._inner.state = value
 
-    @property  # type: ignore[override]
+    @property
     def defaults(self) -> dict[str, Any]:
         return self._inner.defaults
 

@@ -241,7 +241,7 @@ class Balancer(ForwardingOptimizer):
         return True
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Combines the group gradients with the plugins' weights (clipped if asked), then steps the
         inner optimizer. All or nothing: if anything raises, nothing of the step is kept."""
         return run_step(self, closure)

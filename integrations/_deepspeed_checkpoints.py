@@ -37,7 +37,9 @@ def wrap_checkpoints(engine: Any) -> None:
             )
         return backend.balancer
 
-    def save_checkpoint(save_dir: str, tag: Any = None, client_state: dict | None = None, *args: Any, **kwargs: Any):
+    def save_checkpoint(
+        save_dir: str, tag: Any = None, client_state: dict | None = None, *args: Any, **kwargs: Any
+    ) -> Any:
         state = dict(client_state or {})
         if CLIENT_STATE_KEY in state:
             raise StateDictError(
@@ -47,7 +49,7 @@ def wrap_checkpoints(engine: Any) -> None:
         state[CLIENT_STATE_KEY] = opt.balancer_state_dict()
         return save(save_dir, tag, state, *args, **kwargs)
 
-    def load_checkpoint(load_dir: str, *args: Any, **kwargs: Any):
+    def load_checkpoint(load_dir: str, *args: Any, **kwargs: Any) -> Any:
         options = {**dict(zip(load_names, args, strict=False)), **kwargs}
         restore = options.get("load_optimizer_states", True) and not options.get("load_module_only", False)
         opt = bound() if restore else None

@@ -107,7 +107,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Balancer, Any, Any]:
     instances. Returns ``(engine, balancer, dataloader, lr_scheduler)``; the engine's checkpoint
     methods carry the Balancer's state.
     """
-    import deepspeed  # type: ignore[import-untyped]
+    import deepspeed
 
     arguments = inspect.signature(deepspeed.initialize).bind(*args, **kwargs).arguments
     config, where = _ds_config(arguments)

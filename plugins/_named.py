@@ -16,12 +16,12 @@ names: no device tensor is read.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
 
-from balancer.contract.plugin import InvalidStateError, State
+from balancer.contract.plugin import InvalidStateError
 
 __all__ = [
     "ByName",
@@ -48,7 +48,7 @@ def scatter_by_name(stored: Mapping[str, Tensor], names: Sequence[str], values: 
     return {**stored, **dict(zip(names, values.unbind(), strict=True))}
 
 
-def check_named_state(state: State, vectors: Sequence[str] = (), matrices: Sequence[str] = ()) -> None:
+def check_named_state(state: Mapping[str, Any], vectors: Sequence[str] = (), matrices: Sequence[str] = ()) -> None:
     """Raises :class:`~balancer.contract.plugin.InvalidStateError` unless ``state["names"]`` lists distinct
     group names and every tensor of ``vectors`` (``matrices``) has one entry (row and column) per name."""
     names = state["names"]

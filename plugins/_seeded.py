@@ -44,7 +44,11 @@ def random_orders(names: Sequence[str], seed: int, step: int, tag: str, device: 
     """
     base = [stable_seed(tag, seed, step, name) for name in names]
     k = len(names)
-    rows = [sorted((j for j in range(k) if j != i), key=lambda j, hi=base[i]: _mix(hi, base[j])) for i in range(k)]
+
+    def order(i: int) -> list[int]:
+        return sorted((j for j in range(k) if j != i), key=lambda j: _mix(base[i], base[j]))
+
+    rows = [order(i) for i in range(k)]
     return torch.tensor(rows, dtype=torch.long, device=device).reshape(k, max(k - 1, 0))
 
 

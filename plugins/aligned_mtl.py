@@ -42,7 +42,7 @@ def _kept_median(eigenvalues: Tensor, kept: Tensor) -> Tensor:
     return eigenvalues.gather(0, index.reshape(1))[0]
 
 
-class AlignedMTL(GramWeighting):
+class AlignedMTL(GramWeighting[State]):
     """Aligns the principal components of the group gradients to equal strength (Senushkin et al. 2023).
 
     Senushkin, Patakin, Kuznetsov, Konushin, *Independent Component Alignment for Multi-Task

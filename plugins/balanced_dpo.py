@@ -149,7 +149,7 @@ class BalancedDPOTapStats(TypedDict):
     sums: Tensor  # [6] float64
 
 
-class BalancedDPO(TapPlugin):
+class BalancedDPO(TapPlugin[BalancedDPOState, BalancedDPOTapStats]):
     """Balances DPO's chosen and rejected gradients (rules "norm" and "prob"; see the module docs)."""
 
     name = "balanced_dpo"

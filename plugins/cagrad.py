@@ -56,7 +56,7 @@ def _support_solution(gram: Tensor, b: Tensor, rho: Tensor, support: Tensor) -> 
     return mu * u - p, mu
 
 
-class CAGrad(GramWeighting):
+class CAGrad(GramWeighting[State]):
     """Conflict-averse gradient: the best worst-case direction near the mean gradient (Liu et al. 2021).
 
     Liu, Liu, Jin, Stone and Liu, *Conflict-Averse Gradient Descent for Multi-task Learning*

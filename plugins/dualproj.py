@@ -17,7 +17,7 @@ class DualProjOptions(DualConeOptions):
     """Options of :class:`DualProj`."""
 
 
-class DualProj(GramWeighting):
+class DualProj(GramWeighting[State]):
     """Projects the mean gradient onto the dual cone of the group gradients (Quinton & Rey 2024).
 
     Quinton and Rey, *Jacobian Descent for Multi-Objective Optimization* (arXiv 2406.16232,

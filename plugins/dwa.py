@@ -37,7 +37,7 @@ class DWAOptions(PluginOptions):
     )
 
 
-class DWA(GramWeighting):
+class DWA(GramWeighting[DWAState]):
     """Weights groups by how slowly their loss has been falling (Liu, Johns, Davison 2019).
 
     Liu, Johns, Davison, *End-to-End Multi-Task Learning with Attention*, CVPR 2019 (Dynamic

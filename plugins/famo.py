@@ -46,7 +46,7 @@ class FAMOState(TypedDict):
     steps: Tensor  # [m] Adam's step count
 
 
-class FAMO(GramWeighting):
+class FAMO(GramWeighting[FAMOState]):
     """Decreases every group's loss at the same relative rate, from the losses alone (Liu et al. 2023).
 
     Liu, Feng, Stone, Liu, *FAMO: Fast Adaptive Multitask Optimization*, NeurIPS 2023. With

@@ -68,7 +68,7 @@ def gradvac_coefficients(
     return coefficients, targets
 
 
-class GradVac(GramWeighting):
+class GradVac(GramWeighting[GradVacState]):
     """Pulls each pair of gradients towards an EMA of their past cosine (Wang et al. 2021).
 
     Wang, Tsvetkov, Firat, Cao, *Gradient Vaccine: Investigating and Improving Multi-task

@@ -25,7 +25,7 @@ class IMTLGOptions(PluginOptions):
     )
 
 
-class IMTLG(GramWeighting):
+class IMTLG(GramWeighting[State]):
     """Weights giving every group gradient the same projection on the update (Liu et al. 2021).
 
     Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, *Towards Impartial Multi-task Learning*, ICLR

@@ -26,7 +26,7 @@ class MGDAOptions(PluginOptions):
     )
 
 
-class MGDA(GramWeighting):
+class MGDA(GramWeighting[State]):
     """Multiple-gradient descent: the min-norm element of the convex hull of the gradients (Désidéri 2012).
 
     Désidéri, *Multiple-gradient descent algorithm (MGDA) for multiobjective optimization*

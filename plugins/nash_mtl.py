@@ -70,7 +70,7 @@ def solve_nash(gram: Tensor, start: Tensor, iters: int) -> Tensor:
     return torch.where(live, beta / scale, 0.0)
 
 
-class NashMTL(GramWeighting):
+class NashMTL(GramWeighting[NashMTLState]):
     """Nash bargaining between groups: weights α with G α = 1/α (Navon et al. 2022).
 
     Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik and Fetaya, *Multi-Task Learning as a

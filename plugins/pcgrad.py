@@ -43,7 +43,7 @@ def pcgrad_coefficients(cosines: Tensor, orders: Tensor) -> Tensor:
     return coefficients
 
 
-class PCGrad(GramWeighting):
+class PCGrad(GramWeighting[State]):
     """Projects each gradient off the others it conflicts with, then sums (Yu et al. 2020).
 
     Yu, Kumar, Gupta, Levine, Hausman, Finn, *Gradient Surgery for Multi-Task Learning*, NeurIPS

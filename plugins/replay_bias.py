@@ -17,7 +17,8 @@ cross-entropy gradient at the logits, ``p_i − onehot(y_i)``, accumulated over 
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from collections.abc import Mapping
+from typing import Any, Literal, TypedDict, cast
 
 import torch
 from pydantic import Field, model_validator
@@ -116,7 +117,7 @@ class ReplayBiasState(ReplayBiasTapStats):
     task_steps: Tensor  # 0-d long: steps since the current task started
 
 
-class ReplayBias(TapPlugin):
+class ReplayBias(TapPlugin[ReplayBiasState, ReplayBiasTapStats]):
     """GSA's replay-bias weight ``2·σ(ANT_y − 1)`` on logits rows (Guo, Liu, Zhao, CVPR 2023).
 
     Tap the logits of the batch the weighted loss is computed on, with integer class labels::
@@ -182,15 +183,16 @@ class ReplayBias(TapPlugin):
         super().check_state(state)
         length = state["count"].shape[0]
         for key in (*_SUMS, "seen"):
-            if state[key].shape[0] != length:
-                raise InvalidStateError(key, f"found {state[key].shape[0]} classes; `count` has {length}")
-            check_nonnegative(state[key], key)
+            value = _get(state, key)
+            if value.shape[0] != length:
+                raise InvalidStateError(key, f"found {value.shape[0]} classes; `count` has {length}")
+            check_nonnegative(value, key)
         if bool((state["seen"] > 1).any()):
             raise InvalidStateError("seen", f"found {state['seen'].tolist()}; expected flags 0 or 1 per class")
         check_nonnegative(state["task_steps"], "task_steps")
 
     def init_tap_stats(self) -> ReplayBiasTapStats:
-        return ReplayBiasTapStats(**{k: torch.zeros(0, dtype=torch.float64) for k in _SUMS})
+        return _tap_stats({k: torch.zeros(0, dtype=torch.float64) for k in _SUMS})
 
     def tap(
         self, event: TapEvent, state: ReplayBiasState, tap_stats: ReplayBiasTapStats
@@ -218,11 +220,13 @@ class ReplayBias(TapPlugin):
             "neg": ((1.0 - own) * probs * rows).sum(0),
         }
         length = max(classes, tap_stats["count"].shape[0])
-        new_stats = {k: _fit(tap_stats[k], length, device) + _fit(batch[k], length, device) for k in _SUMS}
+        new_stats = _tap_stats(
+            {k: _fit(_get(tap_stats, k), length, device) + _fit(batch[k], length, device) for k in _SUMS}
+        )
 
-        sums = {k: opts.decay * _fit(state[k], classes, device) for k in _SUMS}
+        sums = {k: opts.decay * _fit(_get(state, k), classes, device) for k in _SUMS}
         if opts.include_current:
-            sums = {k: sums[k] + _fit(new_stats[k], classes, device) for k in _SUMS}
+            sums = {k: sums[k] + _fit(_get(new_stats, k), classes, device) for k in _SUMS}
         _, weight = class_bias(sums["count"], sums["pos"], sums["neg"], opts.scale, opts.centre)
         warm = state["task_steps"].to(device) < opts.warmup
         if opts.task_start == "new_class" and opts.warmup > 0:
@@ -237,16 +241,15 @@ class ReplayBias(TapPlugin):
         step_len, state_len = tap_stats["count"].shape[0], state["count"].shape[0]
         length = max(step_len, state_len)
         device = tap_stats["count"].device if step_len else state["count"].device
-        step = {k: _fit(tap_stats[k], length, device) for k in _SUMS}
+        step = {k: _fit(_get(tap_stats, k), length, device) for k in _SUMS}
         seen = _fit(state["seen"], length, device)
         fresh = (step["count"] > 0) & (seen == 0)
         task_steps = state["task_steps"].to(device) + 1
         if opts.task_start == "new_class":
             task_steps = torch.where(fresh.any(), torch.ones_like(task_steps), task_steps)
-        new_state = {k: opts.decay * _fit(state[k], length, device) + step[k] for k in _SUMS}
-        new_state["seen"] = torch.where(step["count"] > 0, 1.0, seen)
-        new_state["task_steps"] = task_steps
-        return new_state
+        sums = {k: opts.decay * _fit(_get(state, k), length, device) + step[k] for k in _SUMS}
+        seen = torch.where(step["count"] > 0, 1.0, seen)
+        return ReplayBiasState(count=sums["count"], pos=sums["pos"], neg=sums["neg"], seen=seen, task_steps=task_steps)
 
     def metrics(self, state: ReplayBiasState) -> dict[str, Any]:
         """``ant`` and ``weight`` per class (NaN / 1 for classes not seen), ``count``, ``task_steps``.
@@ -268,6 +271,15 @@ class ReplayBias(TapPlugin):
             raise ValueError(f"start_task: this Balancer has no replay_bias plugin (plugins: {opt.plugins}).")
         for name in names:
             opt.update_plugin_state(name, lambda state: {**state, "task_steps": torch.zeros_like(state["task_steps"])})
+
+
+def _get(sums: Mapping[str, Any], key: str) -> Tensor:
+    """One of the per-class sums by name (the keys of ``_SUMS`` and ``seen``)."""
+    return cast(Tensor, sums[key])
+
+
+def _tap_stats(sums: Mapping[str, Tensor]) -> ReplayBiasTapStats:
+    return ReplayBiasTapStats(count=sums["count"], pos=sums["pos"], neg=sums["neg"])
 
 
 def _rows(event: TapEvent, groups: tuple[str, ...] | None) -> Tensor:

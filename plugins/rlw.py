@@ -21,7 +21,7 @@ class RLWOptions(PluginOptions):
     std: float = Field(1.0, gt=0.0, description="Standard deviation of the normal samples (paper: 1).")
 
 
-class RLW(GramWeighting):
+class RLW(GramWeighting[State]):
     """Random weights every step: the softmax of standard normal samples (Lin et al. 2022).
 
     Lin, Ye, Zhang, Tsang, *Reasonable Effectiveness of Random Weighting: A Litmus Test for

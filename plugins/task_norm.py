@@ -65,7 +65,7 @@ class TaskNormOptions(PluginOptions):
         return self
 
 
-class TaskNorm(GramWeighting):
+class TaskNorm(GramWeighting[TaskNormState]):
     """Equalizes per-group gradient norms: w_k = (target / ‖g_k‖)^alpha (Wu et al. 2025).
 
     With incoming weights ``v`` (ones when it is the first plugin), the norm of group k's

@@ -17,7 +17,7 @@ class UPGradOptions(DualConeOptions):
     """Options of :class:`UPGrad`."""
 
 
-class UPGrad(GramWeighting):
+class UPGrad(GramWeighting[State]):
     """Unconflicting projection of gradients: each g_i projected onto the dual cone, averaged (Quinton & Rey 2024).
 
     Quinton and Rey, *Jacobian Descent for Multi-Objective Optimization* (arXiv 2406.16232,

@@ -19,7 +19,7 @@ inner product of two complex gradients is ``Re Σ a·conj(b)``, the one their no
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -148,7 +148,7 @@ def rescaled_entries(parts: list[Tensor], rows: list[int]) -> Tensor:
     return cross.index_copy(1, torch.tensor(rows, device=device), inner)
 
 
-def rows_to_rescale(rows: list[int], amax: Tensor) -> list[int]:
+def rows_to_rescale(rows: Sequence[int], amax: Tensor) -> list[int]:
     """The listed rows whose largest magnitude (reduced over ranks) is finite and nonzero: zero rows
     have exact zero entries already, and rows holding NaN/inf are non-finite indeed (one host sync)."""
     return [r for r, ok in zip(rows, (torch.isfinite(amax) & (amax > 0)).tolist(), strict=True) if ok]

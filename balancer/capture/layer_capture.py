@@ -242,7 +242,9 @@ class LayerCapture:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         if poison is not None and params:
-            self._poison.plant(params[0].grad.view(-1)[:1], poison)
+            first = params[0].grad
+            assert first is not None  # set just above
+            self._poison.plant(first.view(-1)[:1], poison)
 
     @torch.no_grad()
     def drop(self, rows: Sequence[int]) -> None:

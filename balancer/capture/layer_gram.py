@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -111,9 +112,10 @@ def gram(params: list[tuple[str, list[Call]]], k: int, device: torch.device) -> 
             continue
         with_bias = _key(calls) in biases
         pieces = [p for c in calls for p in c.pieces]
-        d_in, d_out = calls[0].x.shape[1], pieces[0].delta.shape[1]  # type: ignore[union-attr]
+        inputs = [cast(Tensor, c.x) for c in calls]  # a weight's calls all have their input rows
+        d_in, d_out = inputs[0].shape[1], pieces[0].delta.shape[1]
         piece_rows = sum(p.delta.shape[0] for p in pieces)
-        call_rows = sum(c.x.shape[0] for c in calls)  # type: ignore[union-attr]
+        call_rows = sum(x.shape[0] for x in inputs)
         form = choose_form(piece_rows, call_rows, k, d_in, d_out)
         if form == "rows":
             rows = tuple(id(p.groups) for p in pieces)

@@ -188,7 +188,7 @@ class LocalBackend(Backend):
         if self._active is None:
             raise CaptureError("exit() without a matching enter().")
         sparse = [
-            (buf.params[j].grad.layout, tuple(buf.params[j].shape)) for buf in self._buffers for j in buf.not_dense()
+            (_grad(buf.params[j]).layout, tuple(buf.params[j].shape)) for buf in self._buffers for j in buf.not_dense()
         ]
         if sparse:
             name = self._names[self._active]
@@ -342,3 +342,9 @@ class LocalBackend(Backend):
                 else:
                     p.grad.requires_grad_(False)
                 p.grad.zero_()
+
+
+def _grad(param: Tensor) -> Tensor:
+    """``param.grad`` where the caller knows it is set (a parameter that received a gradient)."""
+    assert param.grad is not None
+    return param.grad

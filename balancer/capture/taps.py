@@ -115,9 +115,9 @@ class TapHub:
 
     def _check(self, plugin: TapPlugin, grad: Tensor, new_grad: Any, new_stats: Any) -> None:
         if not isinstance(new_grad, Tensor) or new_grad.shape != grad.shape:
-            found = tuple(new_grad.shape) if isinstance(new_grad, Tensor) else type(new_grad).__name__
+            shape = tuple(new_grad.shape) if isinstance(new_grad, Tensor) else type(new_grad).__name__
             raise PluginError(
-                f"Plugin `{plugin.name}` tap() must return a gradient of shape {tuple(grad.shape)}. Found `{found}`."
+                f"Plugin `{plugin.name}` tap() must return a gradient of shape {tuple(grad.shape)}. Found `{shape}`."
             )
         expected = self._stats[plugin.name]
         if not isinstance(new_stats, dict) or set(new_stats) != set(expected):
@@ -162,8 +162,8 @@ def _reduce(stats: dict[str, State], backend: Backend) -> dict[str, State]:
     if backend.world_size == 1 or not tensors:
         return stats
     device = backend.stats_device
-    lengths = torch.tensor([t.shape[0] if t.dim() else 0 for t in tensors], dtype=torch.int64, device=device)
-    lengths = backend.all_reduce(lengths, "max").tolist()
+    local = torch.tensor([t.shape[0] if t.dim() else 0 for t in tensors], dtype=torch.int64, device=device)
+    lengths = backend.all_reduce(local, "max").tolist()
     padded = []
     for t, length in zip(tensors, lengths, strict=True):
         if t.dim() and t.shape[0] < length:

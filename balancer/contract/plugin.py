@@ -26,7 +26,7 @@ from __future__ import annotations
 import abc
 import inspect
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
@@ -46,10 +46,18 @@ __all__ = [
     "Plugin",
     "PluginOptions",
     "State",
+    "StateT",
     "TapPlugin",
+    "TapStatsT",
     "check_state_like",
     "check_state_types",
 ]
+
+
+StateT = TypeVar("StateT", bound=Mapping[str, Any])
+"""A plugin's state type: a ``TypedDict`` for the built-ins (``Plugin[TaskNormState]``), ``State`` by default."""
+TapStatsT = TypeVar("TapStatsT", bound=Mapping[str, Any])
+"""A tap plugin's per-step accumulator type."""
 
 
 class PluginOptions(BaseModel):
@@ -58,7 +66,7 @@ class PluginOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
-class Plugin(abc.ABC):
+class Plugin(abc.ABC, Generic[StateT]):
     """Base class of all plugins: a plugin weighs the groups in :meth:`update`.
 
     Subclasses set ``name`` (the registry name, also the key of the plugin's state in
@@ -118,12 +126,12 @@ class Plugin(abc.ABC):
         doc = inspect.getdoc(cls) or ""
         return doc.strip().splitlines()[0] if doc.strip() else ""
 
-    def init(self) -> State:
+    def init(self) -> StateT:
         """Returns the initial state (a plain dict; built-ins declare its shape as a ``TypedDict``).
         Stateless plugins keep the default empty dict."""
-        return {}
+        return cast(StateT, {})
 
-    def check_state(self, state: State) -> None:
+    def check_state(self, state: StateT) -> None:
         """Raises :class:`InvalidStateError` (a ``ValueError``) if ``state`` is not one this plugin
         could have produced; the Balancer calls it on every state it restores from a checkpoint.
 
@@ -136,7 +144,7 @@ class Plugin(abc.ABC):
         check_state_like(state, self.init(), self.nonfinite_state)
 
     @abc.abstractmethod
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
+    def update(self, stats: GroupStats, weights: Tensor, state: StateT) -> tuple[Tensor, StateT]:
         """Returns ``(new_weights, new_state)``.
 
         Args:
@@ -161,7 +169,7 @@ class Plugin(abc.ABC):
         tapped gradient). Default: :attr:`uses_taps`; a tap plugin that only logs at taps says False."""
         return self.uses_taps
 
-    def metrics(self, state: State) -> dict[str, Any]:
+    def metrics(self, state: StateT) -> dict[str, Any]:
         """Numbers worth logging from the state after a step (tensors or floats); default none."""
         return {}
 
@@ -170,7 +178,7 @@ class Plugin(abc.ABC):
         return f"{type(self).__name__}({fields})"
 
 
-class TapPlugin(Plugin):
+class TapPlugin(Plugin[StateT], Generic[StateT, TapStatsT]):
     """Base class of the plugins that see (and may rescale) tapped gradients: ``opt.tap(...)``.
 
     Subclasses implement :meth:`tap`, with :meth:`init_tap_stats` and :meth:`merge_tap_stats`
@@ -185,11 +193,11 @@ class TapPlugin(Plugin):
         """False: a tap plugin weighs no group unless it overrides this (and :meth:`update`)."""
         return False
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
+    def update(self, stats: GroupStats, weights: Tensor, state: StateT) -> tuple[Tensor, StateT]:
         """Passes the weights through: a tap plugin acts inside the backward pass."""
         return weights, state
 
-    def init_tap_stats(self) -> State:
+    def init_tap_stats(self) -> TapStatsT:
         """The empty per-step accumulator of tap statistics.
 
         Every key the accumulator will ever hold must be here, with a tensor of its final
@@ -197,10 +205,10 @@ class TapPlugin(Plugin):
         dimension 0 to the longest rank's length, so per-class sums may grow), then handed to
         :meth:`merge_tap_stats`. A rank that saw no tap in a step contributes this value.
         """
-        return {}
+        return cast(TapStatsT, {})
 
     @abc.abstractmethod
-    def tap(self, event: TapEvent, state: State, tap_stats: State) -> tuple[Tensor, State]:
+    def tap(self, event: TapEvent, state: StateT, tap_stats: TapStatsT) -> tuple[Tensor, TapStatsT]:
         """Sees the gradient arriving at an ``opt.tap(...)`` tensor; returns ``(grad, tap_stats)``.
 
         Runs inside the backward pass, once per tapped tensor and backward pass, in the
@@ -210,6 +218,6 @@ class TapPlugin(Plugin):
         :meth:`update`: no host syncs.
         """
 
-    def merge_tap_stats(self, state: State, tap_stats: State) -> State:
+    def merge_tap_stats(self, state: StateT, tap_stats: TapStatsT) -> StateT:
         """Folds one step's accumulator, already summed over ranks, into the state (at step time)."""
         return state

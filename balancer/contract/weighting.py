@@ -26,8 +26,7 @@ import dataclasses
 
 from torch import Tensor
 
-from balancer.contract.plugin import Plugin
-from balancer.contract.state_checks import State
+from balancer.contract.plugin import Plugin, StateT
 from balancer.contract.stats import GroupStats
 
 __all__ = ["GramWeighting", "weighted_gram", "weighted_stats"]
@@ -43,7 +42,7 @@ def weighted_stats(stats: GroupStats, weights: Tensor) -> GroupStats:
     return dataclasses.replace(stats, gram=weighted_gram(stats.gram, weights))
 
 
-class GramWeighting(Plugin):
+class GramWeighting(Plugin[StateT]):
     """Base of the plugins that weigh the groups by factors multiplying the incoming weights.
 
     :meth:`update` hands :meth:`weigh` the stats of the weighted gradients ``w_i g_i`` (their Gram
@@ -52,13 +51,13 @@ class GramWeighting(Plugin):
     ``w`` is all ones and :meth:`weigh` sees the gradients themselves.
     """
 
-    def update(self, stats: GroupStats, weights: Tensor, state: State) -> tuple[Tensor, State]:
+    def update(self, stats: GroupStats, weights: Tensor, state: StateT) -> tuple[Tensor, StateT]:
         """``(w * a, new_state)`` with ``(a, new_state) = weigh(stats of the w_i g_i, state)``."""
         factors, new_state = self.weigh(weighted_stats(stats, weights), state)
         return weights * factors, new_state
 
     @abc.abstractmethod
-    def weigh(self, stats: GroupStats, state: State) -> tuple[Tensor, State]:
+    def weigh(self, stats: GroupStats, state: StateT) -> tuple[Tensor, StateT]:
         """Returns ``(a, new_state)``: ``[k]`` factors of the gradients behind ``stats``.
 
         Same rules as :meth:`~balancer.contract.plugin.Plugin.update`: no host synchronisation,
