@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from balancer.capture.flat_buffer import (
+from balancer.capture.row_gram import (
     abs_max,
     rescaled_entries,
     rows_to_rescale,

@@ -1,7 +1,8 @@
 """How a step's group gradients (or their statistics) are captured, before any plugin runs.
 
 - :mod:`~balancer.capture.flat_buffer`: one ``[1 + k, n]`` tensor per (device, dtype); row 0 is
-  the ungrouped gradient (``.grad`` views), row ``1 + i`` group ``i``; Gram matrix and combine.
+  the ungrouped gradient (``.grad`` views), row ``1 + i`` group ``i``; Gram matrix and combine,
+  with the tiled products and their float64 refinement in :mod:`~balancer.capture.row_gram`.
 - :mod:`~balancer.capture.local`: ``LocalBackend``, the flat buffers of one process (DDP and
   FSDP2 extend it in ``balancer.integrations``).
 - :mod:`~balancer.capture.layer_capture`: ``backward_samples``/``backward_tasks``: per-layer Gram

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from balancer.capture.flat_buffer import FlatBuffer, TensorKind, rows_to_rescale, with_rows
+from balancer.capture.flat_buffer import FlatBuffer, TensorKind
+from balancer.capture.row_gram import rows_to_rescale, with_rows
 from balancer.contract.backend import Backend, NaNFlag
 from balancer.errors import BalancerWarning, CaptureError
 

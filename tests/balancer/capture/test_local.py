@@ -193,7 +193,7 @@ def test_gram_matches_float64_reference_for_any_capture_order(order, seed):
 
 @pytest.mark.parametrize(("k", "n"), [(1, 5000), (3, 1023), (3, 4097), (8, 300_001), (40, 70_000)])
 def test_tiled_gram_product_matches_float64(k, n):
-    from balancer.capture.flat_buffer import gram_of
+    from balancer.capture.row_gram import gram_of
 
     a = torch.randn(k, n, generator=torch.Generator().manual_seed(k))
     exact = a.double() @ a.double().T
