@@ -14,8 +14,8 @@ Where a gradient goes, and where each part lives:
    protocol: :mod:`balancer.contract`).
 3. weights: the plugins in the user's order (:mod:`balancer.contract.plugin`; built-ins in
    :mod:`balancer.plugins`, third-party ones found through :mod:`balancer.contract.registry`).
-4. clip and combine, then the inner step: :mod:`balancer.optimizer` (``Balancer``, the facade)
-   with the step in ``balancer._step`` and the clip in ``balancer._clip``.
+4. clip and combine, then the inner step: :mod:`balancer.step` (planned, then committed only if
+   the inner step succeeds), driven by :mod:`balancer.optimizer` (``Balancer``, the facade).
 
 Around it: :mod:`balancer.config` (the validated configuration), :mod:`balancer.checkpoint`,
 :mod:`balancer.errors`; the recipes for the seed papers (:mod:`balancer.recipes`: DPO, continual

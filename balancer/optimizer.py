@@ -8,8 +8,8 @@ One step, as data flows::
 
 The class is a facade over modules with one job each: the ``torch.optim.Optimizer`` contract
 (:mod:`balancer._forwarding_optimizer`), what is captured for the next step
-(:mod:`balancer._pending`), the step, planned first and committed only if the inner step succeeds
-(:mod:`balancer._step`, :mod:`balancer._run_step`), and checkpoints (:mod:`balancer._balancer_state`).
+(:mod:`balancer.step.pending`), the step, planned first and committed only if the inner step succeeds
+(:mod:`balancer.step.plan`, :mod:`balancer.step.run`), and checkpoints (:mod:`balancer._balancer_state`).
 
 Gradients produced outside every group block are added to the update as they are (weight 1).
 A group that receives no gradient in a step is simply absent: plugins see only the groups
@@ -27,11 +27,7 @@ from torch import Tensor
 
 from balancer._balancer_state import change_plugin_state, load_section, load_state_dict, make_section, make_state_dict
 from balancer._checks import check_graph_leaves, check_losses, check_model_params, check_options
-from balancer._clip import ClipRequest, check_clip
 from balancer._forwarding_optimizer import ForwardingOptimizer
-from balancer._pending import PendingStep
-from balancer._run_step import clip_step, run_step
-from balancer._step import show_scaler
 from balancer.capture.layer_capture import LayerCapture
 from balancer.capture.local import LocalBackend
 from balancer.capture.taps import TapHub
@@ -41,6 +37,10 @@ from balancer.contract.plugin import Plugin, State
 from balancer.contract.registry import Registry, default_registry
 from balancer.contract.stats import GroupStats
 from balancer.errors import CaptureError
+from balancer.step.clip import ClipRequest, check_clip
+from balancer.step.pending import PendingStep
+from balancer.step.plan import show_scaler
+from balancer.step.run import clip_step, run_step
 
 __all__ = ["Balancer"]
 

@@ -5,7 +5,7 @@ gradient while groups are captured, then ``ungrouped + Σ_k w_k g_k``, and every
 ``.grad`` is a view into it, exactly where the inner optimizer reads. Group ``i`` lives in row
 ``1 + i``. Keeping ``base`` right before the group rows makes ``[base; g_1 … g_m]`` one contiguous
 matrix, so the Gram matrix *with* the cross terms ``⟨ungrouped, g_k⟩`` (what the norm of the
-update needs, see :mod:`balancer._clip`) is the same single GEMM as the Gram matrix alone.
+update needs, see :mod:`balancer.step.clip`) is the same single GEMM as the Gram matrix alone.
 
 When a new group appears mid-step its row gets a block of its own (nothing captured is copied);
 the Gram matrix and the combination then read the blocks tile by tile, a few columns of every

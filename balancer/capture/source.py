@@ -3,9 +3,9 @@
 A step's groups come from one source: the backend's group rows (``opt.group``/``opt.backward``,
 every :class:`~balancer.contract.backend.Backend` is a source) or the layer capture
 (``opt.backward_samples``/``opt.backward_tasks``, :class:`~balancer.capture.layer_capture.LayerCapture`).
-Only the way groups come in differs; from then on the step (:mod:`balancer._step`) drives either
+Only the way groups come in differs; from then on the step (:mod:`balancer.step.plan`) drives either
 through this protocol. One source per step: mixing the two is refused at capture
-(:class:`~balancer._pending.PendingStep`).
+(:class:`~balancer.step.pending.PendingStep`).
 """
 
 from __future__ import annotations

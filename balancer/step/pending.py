@@ -25,7 +25,7 @@ from balancer.contract.backend import Backend
 from balancer.errors import CaptureError
 
 if TYPE_CHECKING:
-    from balancer._step import StepPlan
+    from balancer.step.plan import StepPlan
 
 __all__ = ["PendingStep"]
 

@@ -5,7 +5,7 @@ The update is ``u = s · (b + Σ_k w_k g_k)``: ``b`` the ungrouped gradient, ``s
 ``min(1, max_norm / (‖u‖ + 1e-6))`` and ``u`` is multiplied by it, as torch does.
 
 While groups are pending ``.grad`` does not hold ``u`` (the group gradients are in their rows), so
-the norm has to come from the Balancer. Two ways, chosen per step (:func:`balancer._step.clip_route`):
+the norm has to come from the Balancer. Two ways, chosen per step (:func:`balancer.step.plan.clip_route`):
 
 * **Gram** (L2 norm): ``‖u‖² = s² vᵀ Ĝ v`` with ``v = [w; 1]`` and ``Ĝ`` the Gram matrix of
   ``[g_1 … g_k; b]``, which the local backend computes in the same GEMM as the statistics (the

@@ -1,6 +1,6 @@
 """Running a step of the :class:`~balancer.Balancer`: ``step()`` and ``clip_grad_norm_()``.
 
-:func:`run_step` takes the plan (:func:`balancer._step.plan_step`, or the one ``clip_grad_norm_``
+:func:`run_step` takes the plan (:func:`balancer.step.plan.plan_step`, or the one ``clip_grad_norm_``
 made), writes the update, steps the inner optimizer and commits the plan only if all of it
 succeeded; on any error the source reverts ``.grad`` and the plan is dropped, so a retry applies
 exactly one update. :func:`clip_step` plans the step early to measure and clip the update.
@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from balancer._clip import ClipRequest, check_clip, clip_in_place, has_update_norm
-from balancer._step import StepPlan, check_plan, plan_step
 from balancer.errors import CaptureError
+from balancer.step.clip import ClipRequest, check_clip, clip_in_place, has_update_norm
+from balancer.step.plan import StepPlan, check_plan, plan_step
 
 if TYPE_CHECKING:
     from balancer.optimizer import Balancer

@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from balancer._clip import ClipRequest
 from balancer.errors import BalancerWarning, NonFiniteGradientError, NonFiniteGradientWarning
+from balancer.step.clip import ClipRequest
 
 if TYPE_CHECKING:
-    from balancer._step import StepPlan
     from balancer.capture.source import CaptureSource
     from balancer.optimizer import Balancer
+    from balancer.step.plan import StepPlan
 
 __all__ = ["refuse_nonfinite", "report_nonfinite", "warn_missing_losses", "warn_silent_plugins"]
 

@@ -2,7 +2,7 @@
 
 :func:`plan_step` reads the step's statistics, runs the plugins and computes the clip, changing
 nothing the user can see: the result is a :class:`StepPlan` (weights, the plugin states the step
-would leave, the factor the update gets, what ``last_stats`` becomes). :mod:`balancer._run_step`
+would leave, the factor the update gets, what ``last_stats`` becomes). :mod:`balancer.step.run`
 then applies it (one combination, the inner optimizer's step) and commits it only when everything
 succeeded; if anything raises, the source reverts ``.grad`` and the plan is dropped, so a retry
 applies exactly one update. ``Balancer.clip_grad_norm_`` plans the step early to return the norm,
@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from balancer._clip import ClipRequest, clip_coefficient, gram_norm, has_update_norm
-from balancer._step_warnings import refuse_nonfinite, report_nonfinite, warn_missing_losses, warn_silent_plugins
-from balancer._verdict import Verdict, read_verdict
 from balancer.contract.chain import run_plugins
 from balancer.contract.plugin import State
 from balancer.contract.stats import GroupStats
 from balancer.errors import CaptureError
+from balancer.step.clip import ClipRequest, clip_coefficient, gram_norm, has_update_norm
+from balancer.step.notices import refuse_nonfinite, report_nonfinite, warn_missing_losses, warn_silent_plugins
+from balancer.step.verdict import Verdict, read_verdict
 
 if TYPE_CHECKING:
     from balancer.capture.source import CaptureSource
