@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = {
     "balancer": ROOT / "balancer",
@@ -146,3 +148,16 @@ def test_the_walk_sees_a_circle_when_there_is_one(tmp_path):
     assert _import_time_imports("balancer.b", b, known) == {"balancer.a"}
     b.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from balancer.a import y\n")
     assert _import_time_imports("balancer.b", b, known) == set()
+
+
+def test_every_sub_package_is_installed():
+    """A sub-package missing from pyproject's list works in the editable install and is absent
+    from a regular one (wheel, ``pip install .``)."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join((package, *init.parent.relative_to(folder).parts))
+        for package, folder in FOLDERS.items()
+        for init in folder.rglob("__init__.py")
+    }
+    assert found == listed
