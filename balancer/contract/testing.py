@@ -41,15 +41,19 @@ from balancer.contract.tap_event import TapEvent
 __all__ = ["check_plugin", "random_stats", "tap_event"]
 
 
-def random_stats(k: int, *, seed: int = 0, scale: float = 1.0, dim: int = 16, step: int = 0) -> GroupStats:
-    """Stats of ``k`` random group gradients in ``dim`` dimensions with norms around ``scale``."""
+def random_stats(
+    k: int, *, seed: int = 0, scale: float = 1.0, dim: int = 16, step: int = 0, device: torch.device | str = "cpu"
+) -> GroupStats:
+    """Stats of ``k`` random group gradients in ``dim`` dimensions with norms around ``scale``, on
+    ``device`` (drawn on the CPU, so every device gets the same numbers)."""
     gen = torch.Generator().manual_seed(seed)
     grads = torch.randn(k, dim, generator=gen, dtype=torch.float64) * torch.rand(
         k, 1, generator=gen, dtype=torch.float64
     ).add(0.5)
     gram = (grads @ grads.T) * (scale * scale)
     losses = torch.rand(k, generator=gen, dtype=torch.float64) + 0.1
-    return GroupStats.from_gram(gram, [f"group{i}" for i in range(k)], losses=losses, step=step)
+    names = [f"group{i}" for i in range(k)]
+    return GroupStats.from_gram(gram.to(device), names, losses=losses.to(device), step=step)
 
 
 class _SyncError(AssertionError):
@@ -116,7 +120,7 @@ def _structure(value: Any, deep: bool) -> Any:
 
 def _update(plugin: Plugin, stats: GroupStats, state: State, weights: Tensor | None = None) -> tuple[Tensor, State]:
     if weights is None:
-        weights = torch.ones(stats.num_groups, dtype=torch.float64)
+        weights = torch.ones(stats.num_groups, dtype=torch.float64, device=stats.gram.device)
     before = _snapshot(state)
     with _no_host_sync(plugin.name):
         out, new_state = plugin.update(stats, weights, state)
@@ -124,6 +128,9 @@ def _update(plugin: Plugin, stats: GroupStats, state: State, weights: Tensor | N
     assert isinstance(out, Tensor), f"Plugin `{plugin.name}` returned {type(out).__name__}, not a tensor."
     assert out.shape == (stats.num_groups,), (
         f"Plugin `{plugin.name}` returned weights of shape {tuple(out.shape)} for {stats.num_groups} groups."
+    )
+    assert out.device == stats.gram.device, (
+        f"Plugin `{plugin.name}` returned weights on {out.device} for statistics on {stats.gram.device}."
     )
     assert bool(torch.isfinite(out).all()), (
         f"Plugin `{plugin.name}` returned non-finite weights {out.tolist()} for norms {stats.norms.tolist()}."
@@ -143,23 +150,23 @@ def _accepts(plugin: Plugin, state: State, where: str) -> None:
         ) from None
 
 
-def _check_scales(plugin: Plugin, k: int, steps: int, seed: int) -> None:
+def _check_scales(plugin: Plugin, k: int, steps: int, seed: int, device: torch.device | str) -> None:
     _accepts(plugin, plugin.init(), "init()")
     for scale in (0.0, 1e-30, 1.0, 1e30):
         state = plugin.init()
         for t in range(steps):
-            _, state = _update(plugin, random_stats(k, seed=seed + t, scale=scale, step=t), state)
-    base = random_stats(k, seed=seed)
+            _, state = _update(plugin, random_stats(k, seed=seed + t, scale=scale, step=t, device=device), state)
+    base = random_stats(k, seed=seed, device=device)
     gram = base.gram.clone()
     gram[0, :] = 0.0
     gram[:, 0] = 0.0
     _update(plugin, GroupStats.from_gram(gram, base.names, losses=base.losses), plugin.init())
     if k == 1:
         return
-    single = random_stats(1, seed=seed)
+    single = random_stats(1, seed=seed, device=device)
     _update(plugin, single, plugin.init())
     for gram in _adversarial_grams(k, seed):
-        _update(plugin, GroupStats.from_gram(gram, base.names, losses=base.losses), plugin.init())
+        _update(plugin, GroupStats.from_gram(gram.to(device), base.names, losses=base.losses), plugin.init())
 
 
 def _adversarial_grams(k: int, seed: int) -> list[Tensor]:
@@ -175,13 +182,13 @@ def _adversarial_grams(k: int, seed: int) -> list[Tensor]:
     return [g @ g.T for g in (opposite, duplicated, spread)]
 
 
-def _check_permutation(plugin: Plugin, k: int, steps: int, seed: int, rtol: float) -> None:
-    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed + 99))
+def _check_permutation(plugin: Plugin, k: int, steps: int, seed: int, rtol: float, device: torch.device | str) -> None:
+    perm = torch.randperm(k, generator=torch.Generator().manual_seed(seed + 99)).to(device)
     state_a, state_b = plugin.init(), plugin.init()
     for t in range(steps):
-        stats = random_stats(k, seed=seed + t, step=t)
+        stats = random_stats(k, seed=seed + t, step=t, device=device)
         permuted = GroupStats.from_gram(
-            stats.gram[perm][:, perm], [stats.names[i] for i in perm], losses=stats.losses[perm], step=t
+            stats.gram[perm][:, perm], [stats.names[i] for i in perm.tolist()], losses=stats.losses[perm], step=t
         )
         w_a, state_a = _update(plugin, stats, state_a)
         w_b, state_b = _update(plugin, permuted, state_b)
@@ -203,12 +210,12 @@ def _round_trip(plugin: Plugin, state: State) -> State:
     return loaded
 
 
-def _check_state(plugin: Plugin, k: int, steps: int, seed: int) -> None:
+def _check_state(plugin: Plugin, k: int, steps: int, seed: int, device: torch.device | str) -> None:
     state = plugin.init()
     init_shape = _structure(state, deep=False)
     shapes = []
     for t in range(steps):
-        _, state = _update(plugin, random_stats(k, seed=seed + t, step=t), state)
+        _, state = _update(plugin, random_stats(k, seed=seed + t, step=t, device=device), state)
         assert _structure(state, deep=False) == init_shape, (
             f"Plugin `{plugin.name}` changed its state's keys or types: init() gave {init_shape}, "
             f"update {t} gave {_structure(state, deep=False)}."
@@ -219,7 +226,7 @@ def _check_state(plugin: Plugin, k: int, steps: int, seed: int) -> None:
             f"Plugin `{plugin.name}` state changed structure between updates: {shapes[0]} then {shapes[t]}."
         )
     loaded = _round_trip(plugin, state)
-    nxt = random_stats(k, seed=seed + steps, step=steps)
+    nxt = random_stats(k, seed=seed + steps, step=steps, device=device)
     w_orig, _ = _update(plugin, nxt, state)
     w_load, _ = _update(plugin, nxt, loaded)
     assert torch.equal(w_orig, w_load), f"Plugin `{plugin.name}` gives different weights after a state round trip."
@@ -287,8 +294,13 @@ def check_plugin(
     permutation_equivariant: bool = True,
     rtol: float = 1e-9,
     tap_events: Sequence[TapEvent] = (),
+    device: torch.device | str = "cpu",
 ) -> None:
-    """Runs every conformance check on ``plugin``; raises ``AssertionError`` on the first failure."""
+    """Runs every conformance check on ``plugin``; raises ``AssertionError`` on the first failure.
+
+    ``device``: where the statistics live (``"cuda"`` checks on a GPU that no update synchronises
+    with the host and that the weights stay on the device); ``tap_events`` are used as given.
+    """
     if tap_events:
         assert isinstance(plugin, TapPlugin), (
             f"Plugin `{plugin.name}` got tap_events but is not a TapPlugin: it never sees tapped gradients."
@@ -296,7 +308,7 @@ def check_plugin(
         _check_taps(plugin, tap_events, steps)
     sizes = [num_groups] if isinstance(num_groups, int) else list(num_groups)
     for k in sizes:
-        _check_scales(plugin, k, steps, seed)
-        _check_state(plugin, k, steps, seed)
+        _check_scales(plugin, k, steps, seed, device)
+        _check_state(plugin, k, steps, seed, device)
         if permutation_equivariant and k > 1:
-            _check_permutation(plugin, k, steps, seed, rtol)
+            _check_permutation(plugin, k, steps, seed, rtol, device)

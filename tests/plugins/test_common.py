@@ -150,10 +150,10 @@ def test_every_builtin_is_in_the_tables():
 
 # -- conformance --------------------------------------------------------------------------------
 @pytest.mark.parametrize(("name", "options", "kwargs"), _option_sets())
-def test_conformance(name, options, kwargs):
-    """``check_plugin`` on the CPU (its checks build CPU stats); the device run is below."""
-    events = TAP_EVENTS[name]("cpu") if name in TAP_EVENTS else ()
-    check_plugin(PLUGINS[name](options), tap_events=events, **kwargs)
+def test_conformance(name, options, kwargs, device):
+    """``check_plugin`` with the statistics and tap events on the test device."""
+    events = TAP_EVENTS[name](device) if name in TAP_EVENTS else ()
+    check_plugin(PLUGINS[name](options), tap_events=events, device=device, **kwargs)
 
 
 @pytest.mark.parametrize(("name", "options", "kwargs"), _option_sets())
