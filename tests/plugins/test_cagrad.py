@@ -2,35 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from scipy.optimize import minimize
 
 from balancer import Balancer, ConfigError
 from balancer.plugins import CAGrad
+from tests.plugins.anchors import cagrad_direction as _reference  # float64 SLSQP on the explicit rows
 
 f64 = torch.float64
-
-
-def _reference(a, c=0.5):
-    """argmax_{‖d - g0‖ ≤ c‖g0‖} min_i g_iᵀd, by SLSQP over (d, t) in the parameter space (no rescale)."""
-    an = a.numpy()
-    g0 = an.mean(0)
-    rho = c * np.linalg.norm(g0)
-    n = an.shape[1]
-    res = minimize(
-        lambda z: -z[-1],
-        np.append(g0, 0.0),
-        jac=lambda z: np.append(np.zeros(n), -1.0),
-        constraints=[
-            {"type": "ineq", "fun": lambda z: an @ z[:-1] - z[-1]},
-            {"type": "ineq", "fun": lambda z: rho**2 - ((z[:-1] - g0) ** 2).sum()},
-        ],
-        method="SLSQP",
-        options={"ftol": 1e-16, "maxiter": 2000},
-    )
-    return torch.from_numpy(res.x[:-1])
 
 
 def _cases():

@@ -5,28 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import minimize
 
 from balancer.plugins import MGDA
+from tests.plugins.anchors import min_norm_point as _reference  # float64 SLSQP on the explicit rows
 from tests.plugins.cases import case_params, gradient_cases
 
 f64 = torch.float64
-
-
-def _reference(a):
-    """The point of the convex hull of the rows of a closest to 0, by SLSQP on the explicit vectors."""
-    an = a.numpy()
-    k = an.shape[0]
-    res = minimize(
-        lambda w: ((w @ an) ** 2).sum(),
-        np.full(k, 1.0 / k),
-        jac=lambda w: 2 * an @ (w @ an),
-        bounds=[(0, 1)] * k,
-        constraints={"type": "eq", "fun": lambda w: w.sum() - 1},
-        method="SLSQP",
-        options={"ftol": 1e-16, "maxiter": 1000},
-    )
-    return torch.from_numpy(res.x @ an)
 
 
 CASES = gradient_cases(
