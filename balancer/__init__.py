@@ -29,6 +29,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from balancer._unwrap import unwrap
     from balancer.config import BalancerConfig, PluginSpec, build_plugins, config_schema, load_config
     from balancer.contract.hookspecs import hookimpl
     from balancer.contract.plugin import InvalidStateError, Plugin, PluginOptions, State, TapPlugin
@@ -95,6 +96,7 @@ _LAZY: dict[str, str] = {
     ),
     "SplitHalf": "balancer.recipes.split_half",
     "MetricsLogger": "balancer.tools.metrics",
+    "unwrap": "balancer._unwrap",
 }
 
 __all__ = [
@@ -131,6 +133,7 @@ __all__ = [
     "hookimpl",
     "list_plugins",
     "load_config",
+    "unwrap",
 ]
 
 

@@ -81,7 +81,11 @@ def check_graph_leaves(losses: Iterable[Tensor], trained: Iterable[Tensor]) -> N
         raise CaptureError(
             f"{len(foreign)} tensor(s) that require grad feed these losses but are not in the inner optimizer "
             f"(shapes {foreign[:5]}). Their gradients would never be balanced or applied. Add them to the "
-            "optimizer or call `requires_grad_(False)` on them."
+            "optimizer or call `requires_grad_(False)` on them. A [batch, seq, hidden] tensor here is usually "
+            "the embedding output that transformers' `model.enable_input_require_grads()` makes require grad "
+            "(gradient checkpointing with frozen embeddings, e.g. PEFT/LoRA): call "
+            "`model.disable_input_require_grads()` and checkpoint with "
+            "`gradient_checkpointing_kwargs={'use_reentrant': False}`, which does not need it."
         )
 
 

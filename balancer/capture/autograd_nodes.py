@@ -111,6 +111,9 @@ def find_linear_calls(
         raise CaptureError(
             f"backward_samples/backward_tasks: {sorted(set(foreign))} receive gradient outside an nn.Linear "
             "call (weight tying, a penalty on the weights, an input that requires grad...). Only F.linear "
-            "uses are supported."
+            "uses are supported. A [batch, seq, hidden] tensor here is usually the embedding output that "
+            "transformers' `model.enable_input_require_grads()` makes require grad (gradient checkpointing with "
+            "frozen embeddings, e.g. PEFT/LoRA): call `model.disable_input_require_grads()` and checkpoint with "
+            "`gradient_checkpointing_kwargs={'use_reentrant': False}`, which does not need it."
         )
     return found

@@ -1,0 +1,329 @@
+"""``transformers.Trainer`` with a :class:`~balancer.Balancer`: ``BalancedTrainer`` and ``BalancerTrainerMixin``.
+
+``BalancedTrainer(model=..., args=TrainingArguments(...), train_dataset=..., balancer=["task_norm"],
+group_by="task")`` trains like ``Trainer`` with these changes:
+
+* the optimizer ``Trainer`` creates (its AdamW, or ``args.optim`` / ``optimizer_cls_and_kwargs``, with
+  its weight-decay parameter groups) is wrapped in a Balancer; LR schedulers act on it unchanged;
+* every micro-batch is split by the ``group_by`` column, one forward and one backward per group
+  inside ``opt.group(name)``, each group's loss weighted so that the group losses add up to the
+  batch loss exactly as ``Trainer`` scales it (``num_items_in_batch``, gradient accumulation);
+  or override :meth:`BalancerTrainerMixin.group_losses`;
+* ``args.max_grad_norm`` clips the balanced update (``opt.clip_grad_norm_``) and the logged
+  ``grad_norm`` is that update's norm;
+* each logging step adds ``balancer/norm/<group>``, ``balancer/weight/<group>`` and
+  ``balancer/<plugin>/<metric>`` to the logs, so every ``report_to`` tracker receives them;
+* checkpoints carry the plugin states (the Balancer's state dict), so resuming is exact.
+
+With no plugin the run equals ``Trainer``'s on the same data, to float rounding. Needs the
+``hf`` extra: ``pip install 'gradient-balancer[hf]'``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from balancer._unwrap import unwrap
+from balancer.optimizer import Balancer
+
+from ._hf_groups import (
+    GROUP_KEY,
+    GroupColumnCollator,
+    GroupingError,
+    TrainerSetupError,
+    group_name,
+    label_count,
+    split_by_group,
+)
+from ._hf_sampler import StratifiedGroupSampler
+from ._hf_setup import BalancerSpec, balancer_logs, resolve_spec
+
+try:
+    import transformers
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "balancer.integrations.transformers needs transformers: pip install 'gradient-balancer[hf]'"
+    ) from exc
+
+__all__ = ["BalancedTrainer", "BalancerTrainerMixin", "GroupingError", "TrainerSetupError", "balancer_logs"]
+
+# Optimizers that step inside the backward pass (or per layer): no step is left for a Balancer to weigh.
+_FUSED_OPTIMIZERS = ("lomo", "layerwise")
+
+
+class BalancerTrainerMixin:
+    """Adds a Balancer to any ``transformers.Trainer`` subclass: ``class T(BalancerTrainerMixin, SomeTrainer)``.
+
+    Args:
+        balancer: the plugins (a list, as ``Balancer(plugins=...)`` takes), or a config (a dict, a
+            :class:`~balancer.BalancerConfig` or a JSON file path, as ``Balancer.from_config``);
+            ``None``: no plugin (the plain update, still grouped and logged). Clip with
+            ``TrainingArguments.max_grad_norm``, not in the config.
+        group_by: the training-set column naming each example's group (strings or integers; the
+            group name is their ``str``). Kept through ``remove_unused_columns`` and the collator;
+            each micro-batch runs one forward and backward per group present. Not needed when a
+            subclass overrides :meth:`group_losses`.
+        stratify: sample so that every optimizer step (all its gradient-accumulation micro-batches)
+            holds every group that has examples left in the epoch (see
+            :class:`~balancer.integrations._hf_sampler.StratifiedGroupSampler`); needs ``group_by``.
+
+    Other arguments go to the trainer. ``optimizers=(opt, scheduler)`` must hold a Balancer (then
+    ``balancer=`` is not given); a plain optimizer is refused, since its steps would balance nothing.
+    """
+
+    group_by: str | None
+    stratify: bool
+
+    def __init__(
+        self,
+        *args: Any,
+        balancer: BalancerSpec = None,
+        group_by: str | None = None,
+        stratify: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        given = (kwargs.get("optimizers") or (None, None))[0]
+        if given is not None:
+            try:
+                unwrap(given)
+            except TypeError:
+                raise TrainerSetupError(
+                    f"optimizers=({type(given).__name__}, ...) is not a Balancer, so the trainer's steps would balance "
+                    "nothing. Pass optimizers=(Balancer(opt, plugins=[...]), scheduler), or leave optimizers out and "
+                    "give balancer=[...] (the trainer then wraps the optimizer it creates); "
+                    "optimizer_cls_and_kwargs=(cls, kwargs) picks that optimizer."
+                ) from None
+            if balancer is not None:
+                raise TrainerSetupError(
+                    "Both optimizers=(Balancer, ...) and balancer= were given: the Balancer passed in already has "
+                    "its plugins. Give one of them."
+                )
+        self._balancer_plugins, self._balancer_kwargs = resolve_spec(balancer)
+        self.group_by = group_by
+        self.stratify = stratify
+        self._balancer_logged_step = -1
+        super().__init__(*args, **kwargs)
+        self._check_balancer_setup()
+
+    # -- what the trainer may do with a Balancer ------------------------------------------------
+    def _check_balancer_setup(self) -> None:
+        trainer: Any = self
+        args = trainer.args
+        if getattr(trainer, "is_deepspeed_enabled", False):
+            raise TrainerSetupError(
+                "BalancedTrainer does not support TrainingArguments(deepspeed=...) yet: the Balancer would have to "
+                "wrap the DeepSpeed engine the trainer builds, which this integration does not do. Use "
+                "balancer.integrations.deepspeed.initialize(...) in your own loop, or train without deepspeed."
+            )
+        if transformers.trainer.is_sagemaker_mp_enabled():
+            raise TrainerSetupError("BalancedTrainer does not support SageMaker model parallelism.")
+        if any(name in str(args.optim) for name in _FUSED_OPTIMIZERS):
+            raise TrainerSetupError(
+                f"optim='{args.optim}' updates the parameters inside the backward pass, so no step is left for the "
+                "Balancer to weigh. Pick an optimizer that steps after backward (e.g. adamw_torch)."
+            )
+        overridden = type(self).group_losses is not BalancerTrainerMixin.group_losses
+        if self.group_by is None and not overridden:
+            raise TrainerSetupError(
+                "Give group_by='<column>' (the training-set column naming each example's group), or override "
+                "group_losses(model, inputs, num_items_in_batch) to return {group: loss}."
+            )
+        if self.stratify and self.group_by is None:
+            raise TrainerSetupError("stratify=True samples by the group_by column: give group_by='<column>'.")
+        if self.stratify and args.train_sampling_strategy != "random":
+            raise TrainerSetupError(
+                f"stratify=True replaces the sampler, so train_sampling_strategy='{args.train_sampling_strategy}' "
+                "would be ignored. Use one of them."
+            )
+
+    def _make_balancer(self, optimizer: torch.optim.Optimizer) -> Balancer:
+        """Wraps what the trainer created. Hook for integrations that hand over another object (a DeepSpeed engine)."""
+        return Balancer(optimizer, self._balancer_plugins, **self._balancer_kwargs)
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        """``Trainer``'s optimizer (its ``optim``, weight-decay parameter groups), wrapped in a Balancer."""
+        trainer: Any = self
+        if trainer.optimizer is None:
+            inner = super().create_optimizer(model)  # type: ignore[misc]
+            trainer.optimizer = self._make_balancer(inner)
+        return trainer.optimizer
+
+    @property
+    def balancer(self) -> Balancer:
+        """The Balancer the trainer steps (inside accelerate's wrapper once training started)."""
+        optimizer = getattr(self, "optimizer", None)
+        if optimizer is None:
+            raise TrainerSetupError(
+                "The trainer has no optimizer yet: it is created by train() (or create_optimizer())."
+            )
+        return unwrap(optimizer)
+
+    # -- data: keep the group column, optionally stratify -----------------------------------------
+    def get_train_dataloader(self) -> Any:
+        trainer: Any = self
+        column = self.group_by
+        if column is None:
+            return super().get_train_dataloader()  # type: ignore[misc]
+        self._check_group_column(trainer.train_dataset)
+        collator = trainer.data_collator
+        trainer._set_signature_columns_if_needed()
+        signature = trainer._signature_columns
+        trainer.data_collator = GroupColumnCollator(collator, column)
+        trainer._signature_columns = [*signature, column]  # so remove_unused_columns keeps it for training
+        try:
+            return super().get_train_dataloader()  # type: ignore[misc]
+        finally:
+            trainer.data_collator = collator
+            trainer._signature_columns = signature
+
+    def _check_group_column(self, dataset: Any) -> None:
+        names = getattr(dataset, "column_names", None)
+        if isinstance(names, list) and self.group_by not in names:
+            raise TrainerSetupError(
+                f"group_by='{self.group_by}' is not a column of the training set (columns: {names}). Add a column "
+                "naming each example's group, or pass the right column name."
+            )
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        trainer: Any = self
+        if not self.stratify:
+            return super()._get_train_sampler(train_dataset)  # type: ignore[misc]
+        dataset = trainer.train_dataset if train_dataset is None else train_dataset
+        column = str(self.group_by)
+        if isinstance(getattr(dataset, "column_names", None), list):
+            values = list(dataset[column])
+        elif isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            raise TrainerSetupError("stratify=True needs a training set with a length (not an IterableDataset).")
+        else:
+            values = [dataset[i][column] for i in range(len(dataset))]
+        args = trainer.args
+        step = args.train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
+        seed = args.data_seed if args.data_seed is not None else args.seed
+        return StratifiedGroupSampler([group_name(v, column) for v in values], step, seed)
+
+    # -- the training step: one backward per group --------------------------------------------
+    def _loss_is_scaled_for_ga(self, num_items_in_batch: Any) -> bool:
+        """Whether the loss is already normalised over the accumulated batch, by ``Trainer``'s own rule."""
+        trainer: Any = self
+        declared = getattr(trainer, "loss_is_scaled_for_ga", None)
+        if declared is not None:
+            return bool(declared)
+        return bool(trainer.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            trainer.compute_loss_func is not None
+        )
+
+    def group_losses(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
+    ) -> dict[str, Tensor]:
+        """The loss of each group in this micro-batch, ``{group: loss}``, whose sum is the batch loss
+        that ``Trainer.compute_loss`` would return. Override it to compute the groups another way.
+
+        The default splits the batch by the ``group_by`` column and runs ``compute_loss`` on each part.
+        When the loss is normalised by ``num_items_in_batch`` (causal LMs in ``Trainer``), each part
+        gets the same ``num_items_in_batch`` and the parts add up; when it is a mean over the part,
+        each part's loss is weighted by its share of the label tokens (counted as ``Trainer`` counts
+        them), or of the examples when the batch has no labels. A part with no label token adds
+        nothing to a mean and is left out.
+        """
+        trainer: Any = self
+        if GROUP_KEY not in inputs:
+            raise GroupingError(
+                "The batch carries no group names: set group_by='<column>' on the trainer, or override group_losses."
+            )
+        inputs = dict(inputs)
+        names = list(inputs.pop(GROUP_KEY))
+        parts = split_by_group(inputs, names)
+        if num_items_in_batch is not None and self._loss_is_scaled_for_ga(num_items_in_batch):
+            return {
+                name: trainer.compute_loss(model, part, num_items_in_batch=num_items_in_batch)
+                for name, part in parts.items()
+            }
+        if len(parts) == 1:
+            ((name, part),) = parts.items()
+            return {name: trainer.compute_loss(model, part, num_items_in_batch=num_items_in_batch)}
+        shifted = bool(getattr(trainer, "_loss_shifts_labels", False))
+        total = label_count(inputs, shifted)
+        losses = {}
+        for name, part in parts.items():
+            count = label_count(part, shifted)
+            if int(count) == 0:
+                continue
+            losses[name] = trainer.compute_loss(model, part, num_items_in_batch=num_items_in_batch) * (count / total)
+        return losses
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
+    ) -> Tensor:
+        """``Trainer.training_step`` with one backward per group, each inside ``opt.group(name)``.
+
+        The losses are scaled as ``Trainer`` scales its one loss (mean over devices for ``n_gpu > 1``,
+        divided by the accumulation steps unless already normalised by ``num_items_in_batch``), so
+        their gradients add up to ``Trainer``'s. Returns the summed scaled loss, for the logs.
+        """
+        trainer: Any = self
+        opt = self.balancer
+        cp_context, inputs = trainer._prepare_context_parallel_inputs(model, inputs)
+        with cp_context():
+            model.train()
+            if callable(getattr(trainer.optimizer, "train", None)):
+                trainer.optimizer.train()
+            inputs = trainer._prepare_inputs(inputs)
+            with trainer.compute_loss_context_manager():
+                losses = self.group_losses(model, inputs, num_items_in_batch=num_items_in_batch)
+            del inputs
+            if not losses:
+                raise GroupingError("group_losses returned no loss for this batch; return {group: loss}.")
+            scaled_for_ga = self._loss_is_scaled_for_ga(num_items_in_batch)
+            total: Tensor | None = None
+            last = len(losses) - 1
+            for i, (name, loss) in enumerate(losses.items()):
+                if trainer.args.n_gpu > 1:
+                    loss = loss.mean()  # as Trainer averages DataParallel replicas
+                if not scaled_for_ga:
+                    loss = loss / trainer.current_gradient_accumulation_steps
+                with opt.group(str(name)):
+                    trainer.accelerator.backward(loss, retain_graph=True if i < last else None)
+                total = loss.detach() if total is None else total + loss.detach()
+            assert total is not None
+            return total
+
+    # -- clipping and the logged norm: the balanced update's ------------------------------------
+    def _clip_grad_norm(self, model: torch.nn.Module) -> Tensor:
+        trainer: Any = self
+        return self.balancer.clip_grad_norm_(trainer.args.max_grad_norm, scaler=trainer.accelerator.scaler)
+
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
+        trainer: Any = self
+        if grad_norm is None:  # measured, not clipped: an infinite max_norm leaves the update as it is
+            grad_norm = self.balancer.clip_grad_norm_(float("inf"), scaler=trainer.accelerator.scaler)
+        return grad_norm
+
+    # -- logs -------------------------------------------------------------------------------------
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Adds the Balancer's per-group norms, weights and plugin metrics to each training log."""
+        trainer: Any = self
+        step = trainer.state.global_step
+        optimizer = getattr(trainer, "optimizer", None)
+        if "loss" in logs and optimizer is not None and step != self._balancer_logged_step:
+            logs = {**logs, **balancer_logs(unwrap(optimizer))}
+            self._balancer_logged_step = step
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+class BalancedTrainer(BalancerTrainerMixin, transformers.Trainer):
+    """``transformers.Trainer`` whose optimizer is a Balancer; see :class:`BalancerTrainerMixin`.
+
+    Usage (``model`` and ``dataset`` are yours; the dataset has a ``task`` column)::
+
+        trainer = BalancedTrainer(
+            model=model,
+            args=TrainingArguments(output_dir="out", max_grad_norm=1.0),
+            train_dataset=dataset,  # with a "task" column
+            balancer=["task_norm"],
+            group_by="task",
+        )
+        trainer.train()
+    """
