@@ -49,14 +49,21 @@ class DeepSpeedBackend(RankReductions, Backend):
     ``gradient_clipping`` 0 the Balancer's ``max_grad_norm``/``clip_grad_norm_`` (L2) clip instead.
     The ungrouped gradient is a separate vector here, so its cross terms cost one more pass over
     the rows, on steps that have one.
+
+    ``engine.step()`` while gradients are captured: refused (:class:`~balancer.errors.CaptureError`)
+    by default, since it would apply an uncombined gradient. With ``step_inside_backward=True``, for
+    frameworks that call ``engine.step()`` at the end of every backward pass (accelerate's
+    ``DeepSpeedEngineWrapper``, hence ``transformers.Trainer``), such a call is deferred instead: it
+    does nothing, and ``opt.step()`` combines the groups and then steps the engine once.
     """
 
     ungrouped_gram = True
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, *, step_inside_backward: bool = False) -> None:
         super().__init__()
         check_supported(engine)
         self.engine = engine
+        self.step_inside_backward = step_inside_backward
         self.source: GradientSource = make_source(engine)
         group = self.source.group
         self._world = dist.get_world_size(group)
@@ -260,8 +267,9 @@ class DeepSpeedBackend(RankReductions, Backend):
 
 def _install(engine: Any, backend: DeepSpeedBackend) -> None:
     """Points ``engine`` at ``backend`` and, once per engine, wraps on that instance (the class and other
-    engines are untouched): ``_backward_epilogue`` (capture after each reduction), ``step`` (refused
-    while groups are pending: ``opt.step()`` must combine them first) and the checkpoint methods."""
+    engines are untouched): ``_backward_epilogue`` (capture after each reduction), ``step`` (refused,
+    or deferred with ``step_inside_backward``, while groups are pending: ``opt.step()`` must combine
+    them first) and the checkpoint methods."""
     engine.__dict__["_balancer_backend"] = weakref.ref(backend)
     if "_backward_epilogue" in engine.__dict__:
         return
@@ -278,6 +286,8 @@ def _install(engine: Any, backend: DeepSpeedBackend) -> None:
     def guarded_step(*args: Any, **kwargs: Any) -> Any:
         current = engine.__dict__["_balancer_backend"]()
         if current is not None and current.pending and not current._stepping:
+            if current.step_inside_backward:
+                return None  # deferred: opt.step() combines the groups, then steps the engine
             raise CaptureError(
                 f"engine.step() called with gradients captured by the Balancer pending (groups {list(current.names)}"
                 f"{', and ungrouped' if current._base_used else ''}): they are not combined yet. Call opt.step() "

@@ -34,7 +34,10 @@ torch-style ``loss.backward()`` where DeepSpeed allows it (ZeRO 1-3; not with re
 activation checkpointing, whose per-phase epilogues would be counted twice).
 ``gradient_accumulation_steps`` must be 1: several backward passes inside one group block (or
 re-entering a group) add up in that group. Call ``opt.step()``, never ``engine.step()`` while
-gradients are captured (refused with a :class:`~balancer.errors.CaptureError`).
+gradients are captured (refused with a :class:`~balancer.errors.CaptureError`; where a framework
+calls ``engine.step()`` inside its backward, as accelerate does, build the Balancer with
+``balancer.integrations._hf_deepspeed.wrap_deepspeed_engine`` or
+:func:`balancer.integrations.accelerate.prepare`, which defer that call to ``opt.step()``).
 ``opt.backward({name: loss})`` runs ``engine.backward`` per group (losses from separate
 ``engine(...)`` forwards; ZeRO-3 cannot backward twice through one forward), and ``model=`` is
 checked against the engine's module. Not for DeepSpeed: ``opt.state_dict()`` for checkpoints
