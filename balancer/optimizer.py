@@ -30,6 +30,7 @@ from balancer._checks import check_graph_leaves, check_losses, check_model_param
 from balancer._forwarding_optimizer import ForwardingOptimizer
 from balancer.capture.layer_capture import LayerCapture
 from balancer.capture.local import LocalBackend
+from balancer.capture.rows import capture_rows, check_rows
 from balancer.capture.taps import TapHub
 from balancer.config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_config
 from balancer.contract.backend import Backend
@@ -214,6 +215,22 @@ class Balancer(ForwardingOptimizer):
         capture = self._pending.layer_capture("backward_tasks")
         capture.capture_tasks(losses, retain_graph)
         self._pending.record({name: loss.detach().reshape(()).to(torch.float64) for name, loss in losses.items()})
+
+    def backward_rows(
+        self, loss: Tensor, *, at: Tensor, group: str | Sequence[str], retain_graph: bool | None = None
+    ) -> None:
+        """Groups that are rows of one forward pass: ``opt.backward_rows(loss, at=logp, group=row_groups)``.
+
+        ``at``: one row per sample along dimension 0; ``group``: one name per row, or one for all. Per
+        group present, one backward pass from ``at`` in ``opt.group(name)`` with the other groups' rows
+        of ``d loss/d at`` zeroed: exact with any model. What does not flow through ``at`` is ungrouped.
+        Calls accumulate. Semantics, cost in backward passes, limits: :mod:`balancer.capture.rows`.
+        """
+        rows = check_rows(self._pending, loss, at, group)
+        if not self._graph_checked:
+            check_graph_leaves([loss], self._backend.trained_parameters())
+            self._graph_checked = True
+        capture_rows(self._pending, loss, at, rows, retain_graph)
 
     def tap(self, tensor: Tensor, group: str | Sequence[str], labels: Tensor | None = None) -> Tensor:
         """Returns ``tensor`` unchanged; its gradient is shown to the tap plugins (see :mod:`balancer.capture.taps`).

@@ -11,6 +11,8 @@
   torch node names) in :mod:`~balancer.capture.autograd_nodes`.
 - :mod:`~balancer.capture.source`: ``CaptureSource``, what a step reads and writes of its groups,
   whether they come from a backend's rows or from the layer capture.
+- :mod:`~balancer.capture.rows`: ``opt.backward_rows(loss, at=..., group=rows)``: exact group
+  gradients when the groups are rows of one forward pass of any model.
 - :mod:`~balancer.capture.taps`: ``opt.tap(tensor, group=...)``, gradients shown to plugins
   inside the backward pass.
 """

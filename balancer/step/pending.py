@@ -5,7 +5,7 @@ the layer capture) and the step's bookkeeping: loss values and backward calls pe
 groups dropped as non-finite, the tap statistics, the Gram matrix measured so far and the plan
 ``clip_grad_norm_`` made. :meth:`PendingStep.clear` forgets all of it, after a step or on
 ``zero_grad``. It also enforces one capture mode per step: group blocks (``opt.group``,
-``opt.backward``) or the layer capture (``opt.backward_samples``/``opt.backward_tasks``).
+``opt.backward``, ``opt.backward_rows``) or the layer capture (``opt.backward_samples``/``opt.backward_tasks``).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class PendingStep:
                 f"Cannot enter group `{name}` inside group `{active}`: group blocks do not nest. "
                 "Close the first block before opening the next."
             )
-        self._start(f"opt.group({name!r})")
+        self.start(f"opt.group({name!r})")
         if self.layers is not None and self.layers.names:
             raise CaptureError(
                 f"Cannot capture group `{name}` with `opt.group(...)`/`opt.backward(...)` in a step that used "
@@ -89,13 +89,13 @@ class PendingStep:
             raise CaptureError(f"{method} needs the model: build the Balancer with `model=model`.")
         if self.backend.names:
             raise CaptureError(
-                f"{method} cannot be mixed with `opt.group`/`opt.backward` in one step (groups "
+                f"{method} cannot be mixed with `opt.group`/`opt.backward`/`opt.backward_rows` in one step (groups "
                 f"{list(self.backend.names)} are pending). Call step() or zero_grad() first."
             )
-        self._start(method)
+        self.start(method)
         return self.layers
 
-    def _start(self, what: str) -> None:
+    def start(self, what: str) -> None:
         """A capture starts: the measured statistics are stale; after clip_grad_norm_ it is refused."""
         if self.plan is not None:
             raise CaptureError(
