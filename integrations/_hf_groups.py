@@ -26,6 +26,7 @@ __all__ = [
     "TrainerSetupError",
     "group_name",
     "label_count",
+    "ranks_group_order",
     "split_by_group",
 ]
 
@@ -126,3 +127,16 @@ def label_count(inputs: Mapping[str, Any], shifted: bool) -> Tensor | int:
         if isinstance(value, Tensor) and value.dim() > 0:
             return value.shape[0]
     raise GroupingError("Cannot count the examples of a batch that holds no tensor; override `group_losses`.")
+
+
+def ranks_group_order(present: list[str]) -> list[str]:
+    """The groups every data-parallel rank runs in this micro-batch: those present on any rank, in
+    order of first appearance over the ranks (rank 0 first). One ``all_gather_object`` of the
+    names. Backends whose group backward is a collective (DeepSpeed's reduction at each group
+    boundary) need all ranks to run the same groups in the same order; a rank without examples of
+    a group runs it with a zero loss."""
+    import torch.distributed as dist
+
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, present)
+    return list(dict.fromkeys(name for names in gathered for name in names or []))

@@ -13,7 +13,13 @@ group_by="task")`` trains like ``Trainer`` with these changes:
   ``grad_norm`` is that update's norm;
 * each logging step adds ``balancer/norm/<group>``, ``balancer/weight/<group>`` and
   ``balancer/<plugin>/<metric>`` to the logs, so every ``report_to`` tracker receives them;
-* checkpoints carry the plugin states (the Balancer's state dict), so resuming is exact.
+* checkpoints carry the plugin states (the Balancer's state dict), so resuming is exact;
+* with ``TrainingArguments(deepspeed=...)`` (ZeRO 0-3 through accelerate's DeepSpeed plugin)
+  DeepSpeed gets the plain optimizer and the Balancer is built on the engine, with the exact
+  statistics of :mod:`balancer.integrations.deepspeed`; DeepSpeed's ``gradient_clipping`` (Trainer's
+  ``max_grad_norm``) clips the balanced update, and its checkpoints carry the Balancer's section.
+  Refused before training: gradient accumulation, offload, pipeline/tensor/sequence parallelism,
+  fp16 (:mod:`._hf_trainer_deepspeed`).
 
 With no plugin the run equals ``Trainer``'s on the same data, to float rounding. Needs the
 ``hf`` extra: ``pip install 'gradient-balancer[hf]'``.
@@ -36,10 +42,12 @@ from ._hf_groups import (
     TrainerSetupError,
     group_name,
     label_count,
+    ranks_group_order,
     split_by_group,
 )
 from ._hf_sampler import StratifiedGroupSampler
 from ._hf_setup import BalancerSpec, balancer_logs, resolve_spec
+from ._hf_trainer_deepspeed import check_trainer_deepspeed, engine_balancer, load_checkpoint_after_prepare
 
 try:
     import transformers
@@ -105,6 +113,7 @@ class BalancerTrainerMixin:
         self.group_by = group_by
         self.stratify = stratify
         self._balancer_logged_step = -1
+        self._balancer_optimizer_given = given is not None
         super().__init__(*args, **kwargs)
         self._check_balancer_setup()
 
@@ -112,12 +121,8 @@ class BalancerTrainerMixin:
     def _check_balancer_setup(self) -> None:
         trainer: Any = self
         args = trainer.args
-        if getattr(trainer, "is_deepspeed_enabled", False):
-            raise TrainerSetupError(
-                "BalancedTrainer does not support TrainingArguments(deepspeed=...) yet: the Balancer would have to "
-                "wrap the DeepSpeed engine the trainer builds, which this integration does not do. Use "
-                "balancer.integrations.deepspeed.initialize(...) in your own loop, or train without deepspeed."
-            )
+        if self._on_deepspeed:
+            check_trainer_deepspeed(trainer, self._balancer_optimizer_given)
         if transformers.trainer.is_sagemaker_mp_enabled():
             raise TrainerSetupError("BalancedTrainer does not support SageMaker model parallelism.")
         if any(name in str(args.optim) for name in _FUSED_OPTIMIZERS):
@@ -139,17 +144,37 @@ class BalancerTrainerMixin:
                 "would be ignored. Use one of them."
             )
 
-    def _make_balancer(self, optimizer: torch.optim.Optimizer) -> Balancer:
-        """Wraps what the trainer created. Hook for integrations that hand over another object (a DeepSpeed engine)."""
+    @property
+    def _on_deepspeed(self) -> bool:
+        return bool(getattr(self, "is_deepspeed_enabled", False))
+
+    def _make_balancer(self, optimizer: Any) -> Balancer:
+        """The Balancer the trainer steps, on what the trainer built: its torch optimizer, or under
+        ``deepspeed=`` the DeepSpeed engine (whose own optimizer stays the plain one)."""
+        if self._on_deepspeed:
+            return engine_balancer(self, self._balancer_plugins, self._balancer_kwargs)
         return Balancer(optimizer, self._balancer_plugins, **self._balancer_kwargs)
 
     def create_optimizer(self, model: Any = None) -> Any:
-        """``Trainer``'s optimizer (its ``optim``, weight-decay parameter groups), wrapped in a Balancer."""
+        """``Trainer``'s optimizer (its ``optim``, weight-decay parameter groups), wrapped in a Balancer;
+        under ``deepspeed=`` the plain optimizer, which DeepSpeed wraps (the Balancer comes after)."""
         trainer: Any = self
         if trainer.optimizer is None:
             inner = super().create_optimizer(model)  # type: ignore[misc]
-            trainer.optimizer = self._make_balancer(inner)
+            trainer.optimizer = inner if self._on_deepspeed else self._make_balancer(inner)
         return trainer.optimizer
+
+    def _prepare_for_training(self, max_steps: int, train_dataloader: Any, resume_from_checkpoint: Any) -> Any:
+        """Under ``deepspeed=``: ``Trainer``'s preparation, then the Balancer on the engine becomes the
+        optimizer, then the checkpoint (if resuming) is loaded, so that it restores the Balancer too."""
+        trainer: Any = self
+        if not self._on_deepspeed:
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)  # type: ignore[misc]
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)  # type: ignore[misc]
+        trainer.optimizer = trainer.callback_handler.optimizer = self._make_balancer(trainer.model_wrapped)
+        if resume_from_checkpoint is not None:
+            load_checkpoint_after_prepare(trainer, resume_from_checkpoint)
+        return model, train_dataloader
 
     @property
     def balancer(self) -> Balancer:
@@ -227,6 +252,10 @@ class BalancerTrainerMixin:
         each part's loss is weighted by its share of the label tokens (counted as ``Trainer`` counts
         them), or of the examples when the batch has no labels. A part with no label token adds
         nothing to a mean and is left out.
+
+        Under ``deepspeed=`` with several ranks, every rank runs the groups present on any rank, in
+        one order (:func:`~balancer.integrations._hf_groups.ranks_group_order`); a group a rank has
+        no example (or label token) of gets a zero loss there (a forward of another part, times 0).
         """
         trainer: Any = self
         if GROUP_KEY not in inputs:
@@ -236,22 +265,29 @@ class BalancerTrainerMixin:
         inputs = dict(inputs)
         names = list(inputs.pop(GROUP_KEY))
         parts = split_by_group(inputs, names)
+        agree = self._on_deepspeed and trainer.args.world_size > 1
+        order = ranks_group_order(list(parts)) if agree else list(parts)
+
+        def loss_of(part: dict[str, Any]) -> Tensor:
+            return trainer.compute_loss(model, part, num_items_in_batch=num_items_in_batch)
+
+        def absent() -> Tensor:  # this rank's share of a group it has nothing of: zero, through the model
+            return loss_of(next(iter(parts.values()))) * 0.0
+
         if num_items_in_batch is not None and self._loss_is_scaled_for_ga(num_items_in_batch):
-            return {
-                name: trainer.compute_loss(model, part, num_items_in_batch=num_items_in_batch)
-                for name, part in parts.items()
-            }
-        if len(parts) == 1:
-            ((name, part),) = parts.items()
-            return {name: trainer.compute_loss(model, part, num_items_in_batch=num_items_in_batch)}
+            return {name: loss_of(parts[name]) if name in parts else absent() for name in order}
+        if len(order) == 1:
+            return {order[0]: loss_of(parts[order[0]])}
         shifted = bool(getattr(trainer, "_loss_shifts_labels", False))
         total = label_count(inputs, shifted)
         losses = {}
-        for name, part in parts.items():
-            count = label_count(part, shifted)
+        for name in order:
+            count = label_count(parts[name], shifted) if name in parts else 0
             if int(count) == 0:
+                if agree:
+                    losses[name] = absent()
                 continue
-            losses[name] = trainer.compute_loss(model, part, num_items_in_batch=num_items_in_batch) * (count / total)
+            losses[name] = loss_of(parts[name]) * (count / total)
         return losses
 
     def training_step(
@@ -291,15 +327,28 @@ class BalancerTrainerMixin:
             return total
 
     # -- clipping and the logged norm: the balanced update's ------------------------------------
-    def _clip_grad_norm(self, model: torch.nn.Module) -> Tensor:
+    def _framework_clips(self) -> bool:
+        """DeepSpeed's ``gradient_clipping`` clips in ``engine.step()``: the norm is known after the step."""
+        return self._on_deepspeed and self.balancer.backend.framework_clipping() is not None
+
+    def _clip_grad_norm(self, model: torch.nn.Module) -> Tensor | None:
         trainer: Any = self
+        if self._framework_clips():
+            return None  # DeepSpeed clips the balanced update itself; logged from last_stats after the step
         return self.balancer.clip_grad_norm_(trainer.args.max_grad_norm, scaler=trainer.accelerator.scaler)
 
     def _get_grad_norm(self, model: torch.nn.Module, grad_norm: Any = None) -> Any:
         trainer: Any = self
-        if grad_norm is None:  # measured, not clipped: an infinite max_norm leaves the update as it is
+        if grad_norm is None and not self._framework_clips():
+            # measured, not clipped: an infinite max_norm leaves the update as it is
             grad_norm = self.balancer.clip_grad_norm_(float("inf"), scaler=trainer.accelerator.scaler)
         return grad_norm
+
+    def _maybe_log_save_evaluate(self, tr_loss: Tensor, grad_norm: Any, *args: Any, **kwargs: Any) -> None:
+        if grad_norm is None and self._framework_clips():
+            stats = self.balancer.last_stats  # the step measured DeepSpeed's clip of the balanced update
+            grad_norm = None if stats is None else stats.grad_norm
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)  # type: ignore[misc]
 
     # -- logs -------------------------------------------------------------------------------------
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
