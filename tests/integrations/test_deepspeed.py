@@ -7,21 +7,17 @@ also runs the refusal and group-mismatch cases; the tests below read its outputs
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 
 import pytest
 import torch
 
-from balancer import Balancer
 from balancer.errors import ConfigError
+from tests.integrations.heads_reference import GROUPS, STEPS, Net, reference, relative_error
 
 pytest.importorskip("deepspeed")
 
-STEPS = 3
-GROUPS = {"small": 0.1, "mid": 1.0, "large": 30.0}  # gradient scales differ by 300x
-PLUGINS = ["task_norm"]
 FP32 = {
     "zero0": {"zero": {"stage": 0}},
     "zero1_by_hand": {"zero": {"stage": 1}, "how": "by_hand"},
@@ -204,45 +200,6 @@ os._exit(0)  # skip gloo's C++ teardown, which about one run in 50 aborts after 
 )
 
 
-class Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh())
-        self.heads = torch.nn.ModuleDict({n: torch.nn.Linear(16, 3) for n in GROUPS})
-
-    def forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return self.heads[name](self.trunk(x))
-
-
-def _global_batch(step: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1000 * step + sorted(GROUPS).index(name))
-    return torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen) * GROUPS[name]
-
-
-@functools.cache
-def _reference(ungrouped: bool = False) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One process, plain torch Balancer, the global batch of 8 rows per group."""
-    torch.manual_seed(0)
-    model = Net()
-    opt = Balancer(torch.optim.AdamW(model.parameters(), lr=1e-2), plugins=PLUGINS)
-    loss = torch.nn.functional.mse_loss
-    for step in range(STEPS):
-        if ungrouped:
-            x, y = _global_batch(step + 50, "mid")
-            (0.3 * loss(model(x, "mid"), y)).backward()
-        for name in GROUPS:
-            x, y = _global_batch(step, name)
-            with opt.group(name):
-                loss(model(x, name), y).backward()
-        opt.step()
-        opt.zero_grad()
-    return [p.detach().clone() for p in model.parameters()], opt.last_stats.weights
-
-
-def _relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
-    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, expected, strict=True))
-
-
 @pytest.fixture(scope="module")
 def matrix(launch_once):
     path = launch_once.tmp_path
@@ -256,10 +213,10 @@ def matrix(launch_once):
 @pytest.mark.parametrize("key", list(FP32))
 def test_fp32_matches_one_process_on_the_global_batch(key, matrix):
     path, reports = matrix
-    expected, weights = _reference(FP32[key].get("ungrouped", False))
+    expected, weights = reference(FP32[key].get("ungrouped", False))
     for rank in range(2):
         got = torch.load(path / f"{key}_params{rank}.pt", weights_only=True)
-        assert _relative_error(got, expected) < 1e-5, key
+        assert relative_error(got, expected) < 1e-5, key
         ranked = torch.tensor(reports[rank][key]["weights"], dtype=torch.float64)
         torch.testing.assert_close(ranked, weights, rtol=1e-5, atol=0)
     assert reports[0][key]["weights"] == reports[1][key]["weights"]  # stats identical on every rank
@@ -268,10 +225,10 @@ def test_fp32_matches_one_process_on_the_global_batch(key, matrix):
 @pytest.mark.parametrize("key", list(BF16))
 def test_bf16_matches_within_bf16_rounding(key, matrix):
     path, reports = matrix
-    expected, weights = _reference()
+    expected, weights = reference()
     for rank in range(2):
         got = torch.load(path / f"{key}_params{rank}.pt", weights_only=True)
-        assert _relative_error(got, expected) < BF16_RTOL, key
+        assert relative_error(got, expected) < BF16_RTOL, key
         ranked = torch.tensor(reports[rank][key]["weights"], dtype=torch.float64)
         torch.testing.assert_close(ranked, weights, rtol=BF16_RTOL, atol=0)
     assert reports[0][key]["weights"] == reports[1][key]["weights"]

@@ -10,19 +10,16 @@ every variant (each on a fresh accelerator); the tests read its outputs.
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
 import torch
 
-from balancer import Balancer
+from tests.integrations.heads_reference import GROUPS, STEPS, reference, relative_error
 
 pytest.importorskip("deepspeed")
 pytest.importorskip("accelerate")
 
-STEPS = 3
-GROUPS = {"small": 0.1, "mid": 1.0, "large": 30.0}  # gradient scales differ by 300x
 STAGES = (2, 3)
 
 SCRIPT = """
@@ -136,37 +133,6 @@ os._exit(0)  # skip gloo's C++ teardown, which about one run in 50 aborts after 
 """
 
 
-class Net(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.trunk = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh())
-        self.heads = torch.nn.ModuleDict({n: torch.nn.Linear(16, 3) for n in GROUPS})
-
-    def forward(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        return self.heads[name](self.trunk(x))
-
-
-@functools.cache
-def _reference() -> tuple[list[torch.Tensor], torch.Tensor]:
-    """One process, plain torch Balancer, the global batch of 8 rows per group."""
-    torch.manual_seed(0)
-    model = Net()
-    opt = Balancer(torch.optim.AdamW(model.parameters(), lr=1e-2), plugins=["task_norm"])
-    for step in range(STEPS):
-        for name in GROUPS:
-            gen = torch.Generator().manual_seed(1000 * step + sorted(GROUPS).index(name))
-            x, y = torch.randn(8, 6, generator=gen), torch.randn(8, 3, generator=gen) * GROUPS[name]
-            with opt.group(name):
-                torch.nn.functional.mse_loss(model(x, name), y).backward()
-        opt.step()
-        opt.zero_grad()
-    return [p.detach().clone() for p in model.parameters()], opt.last_stats.weights
-
-
-def _relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
-    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, expected, strict=True))
-
-
 @pytest.fixture(scope="module")
 def runs(launch_once):
     path = launch_once.tmp_path
@@ -183,10 +149,10 @@ def _params(path, key: str, rank: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("stage", STAGES)
 def test_balanced_run_matches_one_process_on_the_global_batch(stage, runs):
     path, reports = runs
-    expected, weights = _reference()
+    expected, weights = reference()
     key = f"zero{stage}_task_norm"
     for rank in range(2):
-        assert _relative_error(_params(path, key, rank), expected) < 1e-5
+        assert relative_error(_params(path, key, rank), expected) < 1e-5
         entry = reports[rank][key]
         assert entry["backend"] == "DeepSpeedBackend"
         torch.testing.assert_close(torch.tensor(entry["weights"], dtype=torch.float64), weights, rtol=1e-5, atol=0)
@@ -199,7 +165,7 @@ def test_no_plugin_run_matches_the_plain_accelerate_deepspeed_loop(stage, runs):
     path, reports = runs
     for rank in range(2):
         plain = _params(path, f"zero{stage}_plain", rank)
-        assert _relative_error(_params(path, f"zero{stage}_none", rank), plain) < 1e-6
+        assert relative_error(_params(path, f"zero{stage}_none", rank), plain) < 1e-6
         assert reports[rank][f"zero{stage}_plain"]["global_steps"] == STEPS
 
 
