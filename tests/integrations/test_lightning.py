@@ -136,3 +136,56 @@ def test_automatic_optimization_warns_that_no_group_was_captured():
     module = Automatic()
     with pytest.warns(BalancerWarning, match="no group was captured"):
         _fit(module)
+
+
+class _PlainMixin(Mixin):
+    """The mixin with no plugin: the update of the bare optimizer on the summed group losses."""
+
+    def configure_optimizers(self):
+        opt = Balancer(torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9), plugins=[])
+        schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class _PlainLightning(pl.LightningModule):
+    """Lightning's own automatic optimization on the same data, optimizer and schedule, no Balancer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+    def training_step(self, batch, batch_idx):
+        return sum(_group_losses(self.net, batch).values())
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+        schedule = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_with_no_plugin_the_mixin_equals_lightnings_automatic_optimization():
+    balanced, plain = _PlainMixin(), _PlainLightning()
+    _fit(balanced)
+    _fit(plain)
+    for a, b in zip(balanced.net.parameters(), plain.net.parameters(), strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+    assert balanced.trainer.global_step == plain.trainer.global_step == STEPS
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"gradient_clip_val": 0.5}, "Automatic gradient clipping is not supported for manual optimization"),
+        ({"accumulate_grad_batches": 2}, "Automatic gradient accumulation is not supported for manual optimization"),
+    ],
+)
+def test_trainer_settings_the_mixin_cannot_honour_are_refused(setting, message):
+    """Lightning itself refuses them under manual optimization: never a silently unclipped step."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    trainer = pl.Trainer(
+        max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, **setting,
+    )  # fmt: skip
+    with pytest.raises(MisconfigurationException, match=message):
+        trainer.fit(_PlainMixin(), train_dataloaders=_loader())
