@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +25,18 @@ def check_options(on_nonfinite: Any, max_grad_norm: Any, norm_type: Any) -> None
 def check_group_name(name: Any) -> None:
     if not isinstance(name, str) or not name.strip():
         raise CaptureError(f"A group name must be a non-empty string. Found `{name!r}`.")
+
+
+def index_row_groups(per_row: Sequence[str], device: torch.device) -> tuple[tuple[str, ...], Tensor]:
+    """The distinct group names of the rows, in order of first appearance (each checked), and each
+    row's index into them: a ``[rows]`` long tensor on ``device``."""
+    names: dict[str, int] = {}
+    for name in per_row:
+        if name not in names:
+            check_group_name(name)
+            names[name] = len(names)
+    index = torch.tensor([names[n] for n in per_row], dtype=torch.long).to(device, non_blocking=True)
+    return tuple(names), index
 
 
 def check_loss(name: str, loss: Any) -> None:

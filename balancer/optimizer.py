@@ -176,9 +176,7 @@ class Balancer(ForwardingOptimizer):
         recorded for the plugins (``stats.losses``).
         """
         check_losses("backward()", losses)
-        if not self._graph_checked:
-            check_graph_leaves(losses.values(), self._backend.trained_parameters())
-            self._graph_checked = True
+        self._check_graph_once(losses.values())
         self._pending.backward(losses, retain_graph)
 
     def backward_samples(self, losses: Tensor, *, group: str | Sequence[str], retain_graph: bool | None = None) -> None:
@@ -227,10 +225,14 @@ class Balancer(ForwardingOptimizer):
         Calls accumulate. Semantics, cost in backward passes, limits: :mod:`balancer.capture.rows`.
         """
         rows = check_rows(self._pending, loss, at, group)
-        if not self._graph_checked:
-            check_graph_leaves([loss], self._backend.trained_parameters())
-            self._graph_checked = True
+        self._check_graph_once([loss])
         capture_rows(self._pending, loss, at, rows, retain_graph)
+
+    def _check_graph_once(self, losses: Iterable[Tensor]) -> None:
+        """The first capture's graph is walked for trainable leaves the inner optimizer lacks."""
+        if not self._graph_checked:
+            check_graph_leaves(losses, self._backend.trained_parameters())
+            self._graph_checked = True
 
     def tap(self, tensor: Tensor, group: str | Sequence[str], labels: Tensor | None = None) -> Tensor:
         """Returns ``tensor`` unchanged; its gradient is shown to the tap plugins (see :mod:`balancer.capture.taps`).

@@ -67,7 +67,7 @@ import torch
 from torch import Tensor
 from torch.autograd.graph import get_gradient_edge
 
-from balancer._checks import check_group_name
+from balancer._checks import check_group_name, index_row_groups
 from balancer.capture.flat_buffer import TensorKind
 from balancer.capture.local import LocalBackend
 from balancer.errors import CaptureError
@@ -169,12 +169,7 @@ def _row_groups(at: Tensor, group: str | Sequence[str]) -> tuple[list[str], Tens
                 f"{tuple(at.shape)}), found {len(per_row)} names. Pass `group=` a list as long as the batch, "
                 "or one string for all rows."
             )
-    names: dict[str, int] = {}
-    for name in per_row:
-        if name not in names:
-            check_group_name(name)
-            names[name] = len(names)
-    index = torch.tensor([names[n] for n in per_row], dtype=torch.long).to(at.device, non_blocking=True)
+    names, index = index_row_groups(per_row, at.device)
     return list(names), index
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from balancer._checks import check_group_name
+from balancer._checks import check_group_name, index_row_groups
 from balancer._copy import copy_state
 from balancer.contract.plugin import TapPlugin
 from balancer.contract.tap_event import TapEvent
@@ -42,13 +42,7 @@ def row_groups(tensor: Tensor, group: str | Sequence[str]) -> tuple[tuple[str, .
             f"opt.tap(..., group=[...]) needs one group name per row: the tensor has {rows} rows "
             f"(dimension 0), found {len(per_row)} names."
         )
-    names: dict[str, int] = {}
-    for name in per_row:
-        if name not in names:
-            check_group_name(name)
-            names[name] = len(names)
-    index = torch.tensor([names[n] for n in per_row], dtype=torch.long).to(tensor.device, non_blocking=True)
-    return tuple(names), index
+    return index_row_groups(per_row, tensor.device)
 
 
 class _Tap(torch.autograd.Function):
