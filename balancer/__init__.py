@@ -28,6 +28,8 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from balancer.errors import __all__ as _ERROR_NAMES  # plain Python, no torch
+
 if TYPE_CHECKING:
     from balancer._unwrap import unwrap
     from balancer.config import BalancerConfig, PluginSpec, build_plugins, config_schema, load_config
@@ -78,22 +80,7 @@ _LAZY: dict[str, str] = {
     "list_plugins": "balancer.contract.registry",
     "GroupStats": "balancer.contract.stats",
     "TapEvent": "balancer.contract.tap_event",
-    **dict.fromkeys(
-        [
-            "BalancerError",
-            "BalancerWarning",
-            "CaptureError",
-            "ConfigError",
-            "GroupMismatchError",
-            "NonFiniteGradientError",
-            "NonFiniteGradientWarning",
-            "PluginError",
-            "PluginLoadError",
-            "PluginWarning",
-            "StateDictError",
-        ],
-        "balancer.errors",
-    ),
+    **dict.fromkeys(_ERROR_NAMES, "balancer.errors"),  # every exception and warning class
     "SplitHalf": "balancer.recipes.split_half",
     "MetricsLogger": "balancer.tools.metrics",
     "unwrap": "balancer._unwrap",
