@@ -27,6 +27,7 @@ With no plugin the run equals ``Trainer``'s on the same data, to float rounding.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -130,7 +131,10 @@ class BalancerTrainerMixin:
                 f"optim='{args.optim}' updates the parameters inside the backward pass, so no step is left for the "
                 "Balancer to weigh. Pick an optimizer that steps after backward (e.g. adamw_torch)."
             )
-        overridden = type(self).group_losses is not BalancerTrainerMixin.group_losses
+        overridden = (
+            type(self).group_losses is not BalancerTrainerMixin.group_losses
+            or type(self).balanced_backward is not BalancerTrainerMixin.balanced_backward
+        )
         if self.group_by is None and not overridden:
             raise TrainerSetupError(
                 "Give group_by='<column>' (the training-set column naming each example's group), or override "
@@ -293,38 +297,67 @@ class BalancerTrainerMixin:
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
     ) -> Tensor:
-        """``Trainer.training_step`` with one backward per group, each inside ``opt.group(name)``.
-
-        The losses are scaled as ``Trainer`` scales its one loss (mean over devices for ``n_gpu > 1``,
-        divided by the accumulation steps unless already normalised by ``num_items_in_batch``), so
-        their gradients add up to ``Trainer``'s. Returns the summed scaled loss, for the logs.
-        """
+        """``Trainer.training_step`` with the backward of :meth:`balanced_backward` (by default one
+        backward per group, each inside ``opt.group(name)``), inside the trainer's activation-offload
+        context where it has one (TRL's trainers). Returns the summed scaled loss, for the logs."""
         trainer: Any = self
-        opt = self.balancer
+        offload = getattr(trainer, "maybe_activation_offload_context", None) or contextlib.nullcontext()
         cp_context, inputs = trainer._prepare_context_parallel_inputs(model, inputs)
-        with cp_context():
+        with cp_context(), offload:
             model.train()
             if callable(getattr(trainer.optimizer, "train", None)):
                 trainer.optimizer.train()
             inputs = trainer._prepare_inputs(inputs)
-            with trainer.compute_loss_context_manager():
-                losses = self.group_losses(model, inputs, num_items_in_batch=num_items_in_batch)
-            del inputs
-            if not losses:
-                raise GroupingError("group_losses returned no loss for this batch; return {group: loss}.")
-            scaled_for_ga = self._loss_is_scaled_for_ga(num_items_in_batch)
-            total: Tensor | None = None
-            last = len(losses) - 1
-            for i, (name, loss) in enumerate(losses.items()):
-                if trainer.args.n_gpu > 1:
-                    loss = loss.mean()  # as Trainer averages DataParallel replicas
-                if not scaled_for_ga:
-                    loss = loss / trainer.current_gradient_accumulation_steps
-                with opt.group(str(name)):
-                    trainer.accelerator.backward(loss, retain_graph=True if i < last else None)
-                total = loss.detach() if total is None else total + loss.detach()
-            assert total is not None
-            return total
+            return self.balanced_backward(model, inputs, num_items_in_batch)
+
+    def scale_like_trainer(self, loss: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
+        """``loss`` scaled as ``Trainer.training_step`` scales its one loss before backward: the mean
+        over ``DataParallel`` replicas for ``n_gpu > 1``, divided by the accumulation steps unless the
+        loss is already normalised by ``num_items_in_batch``."""
+        trainer: Any = self
+        if trainer.args.n_gpu > 1:
+            loss = loss.mean()  # as Trainer averages DataParallel replicas
+        if not self._loss_is_scaled_for_ga(num_items_in_batch):
+            loss = loss / trainer.current_gradient_accumulation_steps
+        return loss
+
+    def backward_rows(self, loss: Tensor, *, at: Tensor, group: list[str]) -> None:
+        """``opt.backward_rows`` on a loss scaled like ``Trainer.training_step``'s (see
+        :meth:`scale_like_trainer`), with what ``accelerator.backward`` adds: its own division by
+        accelerate's accumulation steps and the fp16 loss scale."""
+        trainer: Any = self
+        accelerator = trainer.accelerator
+        loss = loss / accelerator.gradient_accumulation_steps
+        if accelerator.scaler is not None:
+            loss = accelerator.scaler.scale(loss)
+        self.balancer.backward_rows(loss, at=at, group=group)
+
+    def balanced_backward(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
+    ) -> Tensor:
+        """The micro-batch's forward and grouped backward; returns the scaled loss, detached, for the logs.
+
+        The default runs :meth:`group_losses` and one backward per group inside ``opt.group(name)``,
+        each loss scaled as ``Trainer`` scales its one loss (:meth:`scale_like_trainer`), so their
+        gradients add up to ``Trainer``'s. Trainers whose groups are rows of one forward pass (DPO's
+        chosen and rejected, GRPO's tasks) override it with :meth:`backward_rows`.
+        """
+        trainer: Any = self
+        with trainer.compute_loss_context_manager():
+            losses = self.group_losses(model, inputs, num_items_in_batch=num_items_in_batch)
+        del inputs
+        if not losses:
+            raise GroupingError("group_losses returned no loss for this batch; return {group: loss}.")
+        opt = self.balancer
+        total: Tensor | None = None
+        last = len(losses) - 1
+        for i, (name, loss) in enumerate(losses.items()):
+            loss = self.scale_like_trainer(loss, num_items_in_batch)
+            with opt.group(str(name)):
+                trainer.accelerator.backward(loss, retain_graph=True if i < last else None)
+            total = loss.detach() if total is None else total + loss.detach()
+        assert total is not None
+        return total
 
     # -- clipping and the logged norm: the balanced update's ------------------------------------
     def _framework_clips(self) -> bool:
