@@ -1,0 +1,259 @@
+"""``BalancedDPOTrainer``: TRL's ``DPOTrainer`` with the chosen/rejected split of the DPO gradient.
+
+Groups ``"chosen"`` and ``"rejected"`` are the rows of TRL's concatenated batch (chosen first,
+then rejected). Each micro-batch runs TRL's own loss once, with one change: the policy forward's
+per-token log-probabilities reach the loss as a detached copy ``lp`` (a leaf), while the model's
+real ones, ``x``, are kept. Then, for the loss ``L`` scaled as ``Trainer`` scales it:
+
+1. ``G = d(L − L_sft)/d lp``, one backward pass through the loss arithmetic only (no model),
+   is the preference loss's gradient at the log-probs; ``L_sft`` is the ``"sft"`` term of
+   ``loss_type`` lists (TRL's NLL of the chosen completions), written out here and evaluated on ``lp``.
+2. ``opt.backward_rows(S, at=x', group=...)`` with ``x' = x.view_as(x)`` and
+   ``S = Σ G·x' + L_sft(x) + c·aux``: the preference part flows through ``x'`` and is split
+   exactly by rows; the ``"sft"`` term (through ``x``) and a MoE model's auxiliary loss (``aux``,
+   weighted by ``router_aux_loss_coef`` as TRL does) avoid ``x'`` and are ungrouped.
+
+So the update is TRL's gradient (to rounding) split into ``chosen + rejected + ungrouped``. Cost:
+one backward pass below the log-probs per group (two) plus, with an ungrouped term, one more.
+
+Taps (``balanced_dpo`` with ``rule="prob"``, or any tap plugin): the preference loss depends on
+each row's log-probs through their sum (or, for ``"ipo"``/``"sigmoid_norm"``, their token mean),
+so ``G`` is constant along each row: the sequence log-prob ``s`` is built from ``x'``, tapped with
+:func:`~balancer.recipes.dpo.tap_pairs` (rows labelled by pair) and ``Σ G·x'`` becomes
+``Σ g·s`` with ``g`` the per-row value of ``G`` (times the token count for a mean). Refused
+where that does not hold: ``ld_alpha`` (a weighted sum), sum-style and mean-style loss types
+mixed, or a ``G`` that is not constant along its row (a subclass's per-token loss).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from balancer.contract.plugin import TapPlugin
+from balancer.recipes.dpo import tap_pairs
+
+from ._hf_groups import GroupingError, TrainerSetupError
+from ._hf_setup import BalancerSpec
+from .transformers import BalancerTrainerMixin
+
+try:
+    from trl import DPOTrainer
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError("BalancedDPOTrainer needs TRL: pip install 'gradient-balancer[trl]'") from exc
+
+__all__ = ["BalancedDPOTrainer"]
+
+CHOSEN, REJECTED = "chosen", "rejected"
+# Loss types whose per-pair loss depends on each side's log-probs through their token mean
+# (TRL divides the summed log-ratio by the completion length); every other one uses the sum.
+_MEAN_STYLE = frozenset({"ipo", "sigmoid_norm"})
+_SUM_STYLE = frozenset(
+    {
+        "sigmoid",
+        "hinge",
+        "exo_pair",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+    }
+)
+_UNGROUPED = frozenset({"sft"})  # not part of the preference loss: added with weight 1
+
+
+class _PolicyForward:
+    """Stands in for the policy model in TRL's loss: calls it, keeps its per-token log-probs and
+    hands the loss a detached copy (a leaf) instead, so the loss's gradient there is one small pass."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.log_probs: Tensor | None = None
+        self.leaf: Tensor | None = None
+        self.outputs: Any = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.log_probs is not None:
+            raise GroupingError(
+                "BalancedDPOTrainer: the loss ran the policy model twice in one micro-batch; the chosen/rejected "
+                "split needs the log-probs of one forward pass."
+            )
+        outputs = self.model(*args, **kwargs)
+        log_probs = getattr(outputs, "log_probs", None)
+        if not isinstance(log_probs, Tensor) or not log_probs.requires_grad:
+            raise GroupingError(
+                "BalancedDPOTrainer: the policy forward returned no per-token log-probs with a gradient "
+                "(`outputs.log_probs`, which TRL's DPOTrainer requests with fused_lm_head=True)."
+            )
+        self.outputs, self.log_probs = outputs, log_probs
+        self.leaf = log_probs.detach().requires_grad_()
+        outputs.log_probs = self.leaf
+        return outputs
+
+
+class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
+    """``trl.DPOTrainer`` whose optimizer is a Balancer, with groups ``"chosen"`` and ``"rejected"``.
+
+    Args:
+        balancer: the plugins or a config, as :class:`~balancer.integrations.transformers.BalancerTrainerMixin`
+            takes them, e.g. ``["balanced_dpo"]`` (rule ``"norm"``) or
+            ``[("balanced_dpo", {"rule": "prob"})]``; ``None``: no plugin (TRL's update, split and logged).
+
+    Other arguments are ``DPOTrainer``'s. Every ``loss_type`` TRL offers works; ``"sft"`` in a
+    list is ungrouped, as is a MoE model's auxiliary loss. The logs add ``balancer/norm/chosen``,
+    ``balancer/norm/rejected``, the weights and the plugins' metrics (``balanced_dpo``: tapped
+    log-probs, the prob rule's factor) to TRL's own. How the split is made: :mod:`._trl_dpo`.
+
+    Usage (``model``, ``ref_model``, ``tokenizer`` and ``pairs`` are yours)::
+
+        trainer = BalancedDPOTrainer(
+            model=model,
+            ref_model=ref_model,
+            args=DPOConfig(output_dir="out", beta=0.1, max_grad_norm=1.0),
+            train_dataset=pairs,  # prompt / chosen / rejected
+            processing_class=tokenizer,
+            balancer=[("balanced_dpo", {"rule": "prob"})],
+        )
+        trainer.train()
+    """
+
+    def __init__(self, *args: Any, balancer: BalancerSpec = None, **kwargs: Any) -> None:
+        given = [name for name in ("group_by", "stratify") if name in kwargs]
+        if given:
+            raise TrainerSetupError(
+                f"BalancedDPOTrainer does not take {given}: its groups are the chosen and rejected completions of "
+                "every pair. For groups of examples (tasks), use BalancedSFTTrainer or BalancedGRPOTrainer."
+            )
+        super().__init__(*args, balancer=balancer, **kwargs)
+        self._check_dpo_setup()
+
+    # -- what can be split ---------------------------------------------------------------------
+    def _check_dpo_setup(self) -> None:
+        trainer: Any = self
+        if self._on_deepspeed:
+            raise TrainerSetupError(
+                "BalancedDPOTrainer does not run under DeepSpeed yet: its chosen/rejected split takes several "
+                "backward passes after one forward (opt.backward_rows), which DeepSpeed's gradient reduction does "
+                "not allow. Train without deepspeed=, or with DDP (several processes, no DeepSpeed config)."
+            )
+        types = list(trainer.loss_types)
+        unknown = [t for t in types if t not in _SUM_STYLE | _MEAN_STYLE | _UNGROUPED]
+        if unknown:
+            raise TrainerSetupError(
+                f"BalancedDPOTrainer cannot split loss_type {unknown}: it knows {sorted(_SUM_STYLE | _MEAN_STYLE)} "
+                "(preference terms, split into chosen and rejected) and 'sft' (ungrouped)."
+            )
+        if not set(types) - _UNGROUPED:
+            raise TrainerSetupError(
+                f"loss_type={types} has no preference term, so there is no chosen/rejected gradient to balance. "
+                "Add one (e.g. 'sigmoid'), or train the chosen completions with BalancedSFTTrainer."
+            )
+        if "sft" in types and trainer.use_weighting:
+            raise TrainerSetupError(
+                "loss_type with 'sft' and use_weighting=True: TRL weights the SFT term per pair, which the ungrouped "
+                "SFT term of BalancedDPOTrainer does not reproduce. Set use_weighting=False or drop 'sft'."
+            )
+        self._check_plugin_groups()
+        self._sequence_reduction: str | None = self._tap_reduction(types)
+
+    def _check_plugin_groups(self) -> None:
+        for plugin in self._balancer_plugins:
+            options = getattr(plugin, "options", None)
+            sides = (getattr(options, "chosen", CHOSEN), getattr(options, "rejected", REJECTED))
+            if plugin.name == "balanced_dpo" and sides != (CHOSEN, REJECTED):
+                raise TrainerSetupError(
+                    f"balanced_dpo is configured for groups {sides}, but BalancedDPOTrainer names them "
+                    f"({CHOSEN!r}, {REJECTED!r}). Remove the chosen=/rejected= options."
+                )
+
+    def _tap_reduction(self, types: list[str]) -> str | None:
+        """How the sequence log-prob the taps see is made (``"sum"``/``"mean"``), or ``None``: no taps."""
+        if not any(isinstance(p, TapPlugin) for p in self._balancer_plugins):
+            return None
+        trainer: Any = self
+        preference = set(types) - _UNGROUPED
+        needs = any(isinstance(p, TapPlugin) and p.needs_taps for p in self._balancer_plugins)
+        problem = None
+        if trainer.ld_alpha is not None:
+            problem = f"ld_alpha={trainer.ld_alpha} weighs the tokens of each completion unequally"
+        elif preference & _MEAN_STYLE and preference & _SUM_STYLE:
+            problem = f"loss_type={types} mixes summed and token-mean log-probs ({sorted(preference & _MEAN_STYLE)})"
+        if problem is None:
+            return "mean" if preference <= _MEAN_STYLE else "sum"
+        if needs:
+            raise TrainerSetupError(
+                f"A tap plugin needs one sequence log-prob per completion, but {problem}. Use a single kind of "
+                "loss_type without ld_alpha, or a rule that acts on the groups (balanced_dpo rule='norm')."
+            )
+        return None  # taps only log (balanced_dpo rule='norm'): leave them out
+
+    # -- the step ------------------------------------------------------------------------------
+    def balanced_backward(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
+    ) -> Tensor:
+        """TRL's DPO loss once, its gradient split into chosen, rejected and ungrouped (see the module docs)."""
+        trainer: Any = self
+        policy = _PolicyForward(model)
+        with trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(policy, inputs)
+        if policy.log_probs is None or policy.leaf is None:
+            raise GroupingError("BalancedDPOTrainer: the DPO loss did not run the policy model.")
+        x, leaf = policy.log_probs, policy.leaf
+        loss = self.scale_like_trainer(loss, num_items_in_batch)
+        shift_mask = inputs["completion_mask"][..., 1:]
+        sft = self._sft_term(leaf, shift_mask)
+        preference = loss if sft is None else loss - self.scale_like_trainer(sft, num_items_in_batch)
+        (grad,) = torch.autograd.grad(preference, leaf, retain_graph=True)
+        pairs = x.shape[0] // 2
+        at = x.view_as(x)
+        if self._sequence_reduction is None:
+            split = (grad * at).sum()
+        else:
+            split = self._tapped_split(grad, at, inputs["completion_mask"], pairs)
+        surrogate = split
+        if sft is not None:
+            real_sft = self._sft_term(x, shift_mask)
+            assert real_sft is not None
+            surrogate = surrogate + self.scale_like_trainer(real_sft, num_items_in_batch)
+        if trainer.aux_loss_enabled:  # a MoE model's load-balancing loss, as TRL adds it
+            aux = trainer.router_aux_loss_coef * policy.outputs.aux_loss
+            surrogate = surrogate + self.scale_like_trainer(aux, num_items_in_batch)
+        self.backward_rows(surrogate, at=at, group=[CHOSEN] * pairs + [REJECTED] * pairs)
+        return loss.detach()
+
+    def _sft_term(self, log_probs: Tensor, shift_mask: Tensor) -> Tensor | None:
+        """The ``"sft"`` part of TRL's loss (weighted): the mean NLL of the chosen completions' tokens."""
+        trainer: Any = self
+        weights = [w for t, w in zip(trainer.loss_types, trainer.loss_weights, strict=True) if t == "sft"]
+        if not weights:
+            return None
+        chosen_mask = shift_mask.chunk(2, dim=0)[0].bool()
+        chosen = log_probs[:, -shift_mask.shape[1] :].chunk(2, dim=0)[0]
+        return -chosen[chosen_mask].mean() * sum(weights)
+
+    def _tapped_split(self, grad: Tensor, at: Tensor, completion_mask: Tensor, pairs: int) -> Tensor:
+        """``Σ G·x'`` rewritten through tapped sequence log-probs (equal value of the gradient)."""
+        width = completion_mask.shape[1] - 1
+        kept, dropped = grad[:, -width:], grad[:, :-width]
+        per_row = kept[:, :1]
+        scale = per_row.abs().amax() * 1e-5 + torch.finfo(grad.dtype).tiny
+        if (dropped.numel() and dropped.abs().amax() > scale) or (kept - per_row).abs().amax() > scale:
+            raise GroupingError(
+                "BalancedDPOTrainer with taps: the preference loss's gradient is not the same for every token of "
+                "a completion, so it does not depend on one sequence log-prob per completion (a per-token loss?). "
+                "Use plugins without taps (balanced_dpo rule='norm')."
+            )
+        sequence = at[:, -width:].sum(dim=1)
+        g = per_row.squeeze(1)
+        if self._sequence_reduction == "mean":
+            tokens = completion_mask.sum(dim=1).clamp(min=1.0).to(sequence.dtype)  # as TRL divides
+            sequence, g = sequence / tokens, g * tokens
+        tapped_w, tapped_l = tap_pairs(self.balancer, sequence[:pairs], sequence[pairs:])  # chosen, rejected
+        return (g.detach() * torch.cat([tapped_w, tapped_l])).sum()

@@ -1,0 +1,88 @@
+"""Tiny models, a tokenizer built in code and in-memory datasets for the TRL trainer tests (nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+# Single characters: digits, lower-case letters, a few signs; every string below tokenises to known ids.
+_ALPHABET = list("0123456789abcdefghijklmnopqrstuvwxyz+-=?: ")
+_SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one id per character of ``_ALPHABET``, plus pad/bos/eos/unk."""
+    vocab = {tok: i for i, tok in enumerate(_SPECIAL + _ALPHABET)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    return tokenizer
+
+
+def tiny_llama(seed: int = 0, vocab_size: int | None = None) -> LlamaForCausalLM:
+    """A 2-layer float32 Llama with random weights (seeded), sized for the tiny tokenizer."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size or len(_SPECIAL) + len(_ALPHABET),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return LlamaForCausalLM(config).float()
+
+
+def preference_dataset(n: int = 16, seed: int = 1) -> Any:
+    """Prompt / chosen / rejected strings of different lengths (so sums and token means differ)."""
+    g = torch.Generator().manual_seed(seed)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+
+    def word(length: int) -> str:
+        return "".join(letters[int(i)] for i in torch.randint(0, 26, (length,), generator=g))
+
+    rows: dict[str, list[str]] = {"prompt": [], "chosen": [], "rejected": []}
+    for i in range(n):
+        rows["prompt"].append(word(3 + i % 3) + "?")
+        rows["chosen"].append(" " + word(2 + i % 4))
+        rows["rejected"].append(" " + word(5 - i % 3))
+    return datasets.Dataset.from_dict(rows)
+
+
+def common_args(out: Path, **overrides: Any) -> dict[str, Any]:
+    """TrainingArguments fields every TRL test shares: CPU, seeded, quiet, no checkpoints unless asked."""
+    base: dict[str, Any] = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=1e-2,
+        max_grad_norm=0.5,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        dataloader_num_workers=0,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    base.update(overrides)
+    return base
+
+
+def max_relative_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """Largest parameter difference, relative to each parameter's largest entry."""
+    return max(
+        ((p - q).abs().max() / p.abs().max()).item() for p, q in zip(a.parameters(), b.parameters(), strict=True)
+    )
