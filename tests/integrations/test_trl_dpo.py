@@ -270,3 +270,52 @@ def test_norm_rule_with_ld_alpha_runs_without_taps(tmp_path: Path) -> None:
     log = train_logs(balanced(tmp_path, ["balanced_dpo"], ld_alpha=0.5))[0]
     assert math.isnan(log["balancer/balanced_dpo/logp_chosen"])
     assert log["balancer/norm/chosen"] > 0
+
+
+def tiny_mixtral() -> Any:
+    """A 2-layer MoE (4 experts, top 2) that returns its router logits, so TRL adds the auxiliary loss."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=46,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        output_router_logits=True,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    return transformers.MixtralForCausalLM(config)
+
+
+def test_moe_auxiliary_loss_is_ungrouped(tmp_path: Path) -> None:
+    """TRL adds the router's load-balancing loss: the run still equals TRL's, and the groups do not see it."""
+
+    def run(cls: Any, coef: float, extra: dict[str, Any]) -> Any:
+        t = cls(
+            model=tiny_mixtral(),
+            ref_model=tiny_mixtral(),
+            args=config(tmp_path / f"{cls.__name__}{coef}", router_aux_loss_coef=coef, gradient_checkpointing=False),
+            train_dataset=preference_dataset(),
+            processing_class=tiny_tokenizer(),
+            **extra,
+        )
+        return t, train_logs(t)
+
+    (plain, _), (ours, with_aux), (_, without_aux) = (
+        run(DPOTrainer, 1.0, {}),
+        run(BalancedDPOTrainer, 1.0, {"balancer": None}),
+        run(BalancedDPOTrainer, 0.0, {"balancer": None}),
+    )
+    assert ours.aux_loss_enabled
+    # float32 rounding: the expert weights sum three backward passes' contributions (seen: 1.05e-6)
+    assert max_relative_difference(plain.model, ours.model) <= 3e-6
+    first, reference = with_aux[0], without_aux[0]
+    assert first["balancer/norm/chosen"] == pytest.approx(reference["balancer/norm/chosen"], rel=1e-6)
+    assert first["balancer/norm/rejected"] == pytest.approx(reference["balancer/norm/rejected"], rel=1e-6)
+    assert abs(first["grad_norm"] - reference["grad_norm"]) > 1e-3 * reference["grad_norm"]
