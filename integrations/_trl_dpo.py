@@ -15,6 +15,9 @@ real ones, ``x``, are kept. Then, for the loss ``L`` scaled as ``Trainer`` scale
 
 So the update is TRL's gradient (to rounding) split into ``chosen + rejected + ungrouped``. Cost:
 one backward pass below the log-probs per group (two) plus, with an ungrouped term, one more.
+When every plugin acts only at taps (``balanced_dpo`` with ``rule="prob"``) no group is needed:
+``S`` is backpropagated once, through the taps, like TRL's own loss (``split_groups`` forces the
+split, to log the two sides' norms).
 
 Taps (``balanced_dpo`` with ``rule="prob"``, or any tap plugin): the preference loss depends on
 each row's log-probs through their sum (or, for ``"ipo"``/``"sigmoid_norm"``, their token mean),
@@ -27,12 +30,13 @@ mixed, or a ``G`` that is not constant along its row (a subclass's per-token los
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
-from balancer.contract.plugin import TapPlugin
+from balancer.contract.plugin import Plugin, TapPlugin
 from balancer.recipes.dpo import tap_pairs
 
 from ._hf_groups import GroupingError, TrainerSetupError
@@ -67,6 +71,11 @@ _SUM_STYLE = frozenset(
     }
 )
 _UNGROUPED = frozenset({"sft"})  # not part of the preference loss: added with weight 1
+
+
+class _Plan(NamedTuple):
+    split: bool  # capture chosen and rejected as groups (else one backward pass, taps only)
+    reduction: str | None  # the tapped sequence log-prob: "sum", "mean", or None (no taps)
 
 
 class _PolicyForward:
@@ -105,6 +114,10 @@ class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
         balancer: the plugins or a config, as :class:`~balancer.integrations.transformers.BalancerTrainerMixin`
             takes them, e.g. ``["balanced_dpo"]`` (rule ``"norm"``) or
             ``[("balanced_dpo", {"rule": "prob"})]``; ``None``: no plugin (TRL's update, split and logged).
+        split_groups: capture chosen and rejected as groups. Default: when a plugin acts on groups or
+            there is no plugin (to measure them); with only tap rules (``rule="prob"``) the update is one
+            backward pass through the taps, as cheap as TRL's, and the group norms are not measured:
+            ``True`` measures and logs them anyway (two more backward passes below the log-probs).
 
     Other arguments are ``DPOTrainer``'s. Every ``loss_type`` TRL offers works; ``"sft"`` in a
     list is ungrouped, as is a MoE model's auxiliary loss. The logs add ``balancer/norm/chosen``,
@@ -124,15 +137,21 @@ class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
         trainer.train()
     """
 
-    def __init__(self, *args: Any, balancer: BalancerSpec = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, balancer: BalancerSpec = None, split_groups: bool | None = None, **kwargs: Any
+    ) -> None:
         given = [name for name in ("group_by", "stratify") if name in kwargs]
         if given:
             raise TrainerSetupError(
                 f"BalancedDPOTrainer does not take {given}: its groups are the chosen and rejected completions of "
                 "every pair. For groups of examples (tasks), use BalancedSFTTrainer or BalancedGRPOTrainer."
             )
+        self.split_groups = split_groups
+        self._plan: tuple[int, _Plan] | None = None
         super().__init__(*args, balancer=balancer, **kwargs)
         self._check_dpo_setup()
+        if not self._balancer_optimizer_given:  # refuse bad plugin settings now, not at the first step
+            self._make_plan(self._balancer_plugins)
 
     # -- what can be split ---------------------------------------------------------------------
     def _check_dpo_setup(self) -> None:
@@ -160,11 +179,10 @@ class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
                 "loss_type with 'sft' and use_weighting=True: TRL weights the SFT term per pair, which the ungrouped "
                 "SFT term of BalancedDPOTrainer does not reproduce. Set use_weighting=False or drop 'sft'."
             )
-        self._check_plugin_groups()
-        self._sequence_reduction: str | None = self._tap_reduction(types)
 
-    def _check_plugin_groups(self) -> None:
-        for plugin in self._balancer_plugins:
+    def _make_plan(self, plugins: Sequence[Plugin]) -> _Plan:
+        """Whether to split into groups and how to build the tapped sequence log-probs, for these plugins."""
+        for plugin in plugins:
             options = getattr(plugin, "options", None)
             sides = (getattr(options, "chosen", CHOSEN), getattr(options, "rejected", REJECTED))
             if plugin.name == "balanced_dpo" and sides != (CHOSEN, REJECTED):
@@ -172,14 +190,24 @@ class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
                     f"balanced_dpo is configured for groups {sides}, but BalancedDPOTrainer names them "
                     f"({CHOSEN!r}, {REJECTED!r}). Remove the chosen=/rejected= options."
                 )
+        on_groups = not plugins or any(p.acts_on_groups for p in plugins)  # no plugin: measure the groups
+        if self.split_groups is False and on_groups:
+            names = [p.name for p in plugins if p.acts_on_groups] or ["no plugin: the measured groups"]
+            raise TrainerSetupError(
+                f"split_groups=False, but {names} act on the chosen/rejected groups, which then would not exist. "
+                "Leave split_groups unset."
+            )
+        split = on_groups if self.split_groups is None else self.split_groups
+        return _Plan(split=split, reduction=self._tap_reduction(plugins))
 
-    def _tap_reduction(self, types: list[str]) -> str | None:
+    def _tap_reduction(self, plugins: Sequence[Plugin]) -> str | None:
         """How the sequence log-prob the taps see is made (``"sum"``/``"mean"``), or ``None``: no taps."""
-        if not any(isinstance(p, TapPlugin) for p in self._balancer_plugins):
+        if not any(isinstance(p, TapPlugin) for p in plugins):
             return None
         trainer: Any = self
+        types = list(trainer.loss_types)
         preference = set(types) - _UNGROUPED
-        needs = any(isinstance(p, TapPlugin) and p.needs_taps for p in self._balancer_plugins)
+        needs = any(isinstance(p, TapPlugin) and p.needs_taps for p in plugins)
         problem = None
         if trainer.ld_alpha is not None:
             problem = f"ld_alpha={trainer.ld_alpha} weighs the tokens of each completion unequally"
@@ -212,11 +240,12 @@ class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
         preference = loss if sft is None else loss - self.scale_like_trainer(sft, num_items_in_batch)
         (grad,) = torch.autograd.grad(preference, leaf, retain_graph=True)
         pairs = x.shape[0] // 2
+        plan = self._plan_for_balancer()
         at = x.view_as(x)
-        if self._sequence_reduction is None:
+        if plan.reduction is None:
             split = (grad * at).sum()
         else:
-            split = self._tapped_split(grad, at, inputs["completion_mask"], pairs)
+            split = self._tapped_split(grad, at, inputs["completion_mask"], pairs, plan.reduction)
         surrogate = split
         if sft is not None:
             real_sft = self._sft_term(x, shift_mask)
@@ -225,8 +254,18 @@ class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
         if trainer.aux_loss_enabled:  # a MoE model's load-balancing loss, as TRL adds it
             aux = trainer.router_aux_loss_coef * policy.outputs.aux_loss
             surrogate = surrogate + self.scale_like_trainer(aux, num_items_in_batch)
-        self.backward_rows(surrogate, at=at, group=[CHOSEN] * pairs + [REJECTED] * pairs)
+        if plan.split:
+            self.backward_rows(surrogate, at=at, group=[CHOSEN] * pairs + [REJECTED] * pairs)
+        else:  # only tap rules: they act inside this one backward pass, no group is needed
+            trainer.accelerator.backward(surrogate)
         return loss.detach()
+
+    def _plan_for_balancer(self) -> _Plan:
+        """The plan for the Balancer being stepped (made once; also for a Balancer passed in ``optimizers=``)."""
+        opt = self.balancer
+        if self._plan is None or self._plan[0] != id(opt):
+            self._plan = (id(opt), self._make_plan(opt.plugins))
+        return self._plan[1]
 
     def _sft_term(self, log_probs: Tensor, shift_mask: Tensor) -> Tensor | None:
         """The ``"sft"`` part of TRL's loss (weighted): the mean NLL of the chosen completions' tokens."""
@@ -238,7 +277,7 @@ class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
         chosen = log_probs[:, -shift_mask.shape[1] :].chunk(2, dim=0)[0]
         return -chosen[chosen_mask].mean() * sum(weights)
 
-    def _tapped_split(self, grad: Tensor, at: Tensor, completion_mask: Tensor, pairs: int) -> Tensor:
+    def _tapped_split(self, grad: Tensor, at: Tensor, completion_mask: Tensor, pairs: int, reduction: str) -> Tensor:
         """``Σ G·x'`` rewritten through tapped sequence log-probs (equal value of the gradient)."""
         width = completion_mask.shape[1] - 1
         kept, dropped = grad[:, -width:], grad[:, :-width]
@@ -252,7 +291,7 @@ class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
             )
         sequence = at[:, -width:].sum(dim=1)
         g = per_row.squeeze(1)
-        if self._sequence_reduction == "mean":
+        if reduction == "mean":
             tokens = completion_mask.sum(dim=1).clamp(min=1.0).to(sequence.dtype)  # as TRL divides
             sequence, g = sequence / tokens, g * tokens
         tapped_w, tapped_l = tap_pairs(self.balancer, sequence[:pairs], sequence[pairs:])  # chosen, rejected

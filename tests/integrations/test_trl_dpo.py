@@ -154,7 +154,9 @@ def test_chosen_and_rejected_are_the_dpo_formula_groups(tmp_path: Path) -> None:
 
 def test_prob_rule_rescales_each_pair_at_the_sequence_log_probs(tmp_path: Path) -> None:
     clip = 3.0
-    t = balanced(tmp_path, [("balanced_dpo", {"rule": "prob", "clip": clip})], **whole_batch(max_grad_norm=1e9))
+    plugins = [("balanced_dpo", {"rule": "prob", "clip": clip})]
+    extra = {"balancer": plugins, "split_groups": True}  # measure the rescaled groups
+    t = trainer(BalancedDPOTrainer, tmp_path, extra, **whole_batch(max_grad_norm=1e9))
     log = train_logs(t)[0]
 
     def factor(logp_w: torch.Tensor, logp_l: torch.Tensor) -> torch.Tensor:
@@ -196,13 +198,28 @@ def test_sft_term_is_ungrouped(tmp_path: Path) -> None:
     assert logs["dpo+sft"]["grad_norm"] > 2 * logs["dpo"]["grad_norm"]
 
 
+def test_tap_only_rule_takes_one_backward_pass(tmp_path: Path) -> None:
+    """rule='prob' acts at the taps: without groups (the default) the update is the split run's, and the
+    group norms are not measured, so not logged."""
+    prob = [("balanced_dpo", {"rule": "prob"})]
+    one_pass = balanced(tmp_path / "one", prob)
+    split = trainer(BalancedDPOTrainer, tmp_path / "split", {"balancer": prob, "split_groups": True})
+    one_logs, split_logs = train_logs(one_pass), train_logs(split)
+    assert max_relative_difference(split.model, one_pass.model) <= 1e-6
+    assert "balancer/norm/chosen" not in one_logs[0]
+    for a, b in zip(one_logs, split_logs, strict=True):
+        assert a["balancer/balanced_dpo/prob_factor"] == pytest.approx(b["balancer/balanced_dpo/prob_factor"], rel=1e-6)
+    with pytest.raises(TrainerSetupError, match="split_groups=False"):
+        trainer(BalancedDPOTrainer, tmp_path / "x", {"balancer": ["balanced_dpo"], "split_groups": False})
+
+
 def test_logs_carry_trl_and_balancer_entries(tmp_path: Path) -> None:
-    logs = train_logs(balanced(tmp_path, [("balanced_dpo", {"rule": "prob"})]))
+    logs = train_logs(balanced(tmp_path, ["balanced_dpo"]))
     assert len(logs) == 3
     for entry in logs:
         for key in ("rewards/margins", "logps/chosen", "balancer/norm/chosen", "balancer/weight/rejected"):
             assert math.isfinite(entry[key]), key
-        assert entry["balancer/balanced_dpo/prob_factor"] > 0
+        assert entry["balancer/balanced_dpo/chosen_weight"] > 0
 
 
 def test_balancing_changes_the_update(tmp_path: Path) -> None:
@@ -236,7 +253,7 @@ def test_lora_trains_the_adapter_only(tmp_path: Path) -> None:
         args=config(tmp_path, gradient_checkpointing=False),
         train_dataset=preference_dataset(),
         processing_class=tiny_tokenizer(),
-        balancer=[("balanced_dpo", {"rule": "prob"})],
+        balancer=["balanced_dpo"],
     )
     logs = train_logs(t)
     assert all(math.isfinite(e["balancer/norm/chosen"]) and e["balancer/norm/chosen"] > 0 for e in logs)
