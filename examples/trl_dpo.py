@@ -99,10 +99,11 @@ def summary(name: str, logs: list[dict[str, float]]) -> str:
     )
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, list[dict[str, float]]]:
+    """Trains the three runs, prints the table, returns each run's training logs."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    steps = parser.parse_args().steps
+    steps = parser.parse_args(argv).steps
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     torch.set_num_threads(2)
@@ -113,8 +114,11 @@ def main() -> None:
     }
     print(f"{steps} steps of 16 pairs; norm ratio = rejected/chosen gradient norm (first -> last step)")
     print(f"{'run':<14} {'norm ratio':>16}   {'Δlogp_w':>8}  {'Δlogp_l':>8}   {'margin':>7}  {'acc':>5}")
+    logs = {}
     for name, balancer in runs.items():
-        print(summary(name, train(balancer, steps)), flush=True)
+        logs[name] = train(balancer, steps)
+        print(summary(name, logs[name]), flush=True)
+    return logs
 
 
 if __name__ == "__main__":
