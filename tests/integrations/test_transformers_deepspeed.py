@@ -76,7 +76,8 @@ def make(cls, stage, clip, plugins=None, ds_extra=None, **overrides):
     ds.update(ds_extra or {})
     kw = dict(output_dir=str(out / "run"), per_device_train_batch_size=4, max_steps=STEPS, learning_rate=LR,
               optim="sgd", lr_scheduler_type="constant", max_grad_norm=clip, logging_steps=1, report_to=[],
-              save_strategy="no", disable_tqdm=True, seed=0, deepspeed=ds)
+              save_strategy="no", disable_tqdm=True, seed=0, deepspeed=ds,
+              use_cpu=True)  # on CPU accelerate counts the ranks only with use_cpu: each then gets its own rows
     kw.update(overrides)
     torch.manual_seed(0)
     extra = {} if cls is PlainT else dict(balancer=plugins or [], group_by="task")
@@ -208,6 +209,8 @@ def test_no_plugin_run_equals_plain_trainer(stage, clipped, runs):
 
 def _global_batches(report: list[dict], key: str) -> tuple[tuple[int, ...], ...]:
     per_rank = [r[key]["seen"] for r in report]
+    for rows_0, rows_1 in zip(*per_rank, strict=True):
+        assert not set(rows_0) & set(rows_1)  # data parallel: the ranks see different rows of each step
     return tuple(tuple(a + b) for a, b in zip(*per_rank, strict=True))
 
 
