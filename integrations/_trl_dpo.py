@@ -26,6 +26,9 @@ so ``G`` is constant along each row: the sequence log-prob ``s`` is built from `
 ``Σ g·s`` with ``g`` the per-row value of ``G`` (times the token count for a mean). Refused
 where that does not hold: ``ld_alpha`` (a weighted sum), sum-style and mean-style loss types
 mixed, or a ``G`` that is not constant along its row (a subclass's per-token loss).
+
+Under DeepSpeed, which reduces gradients at each backward pass and allows one backward per
+forward, each side runs a forward of its own (:mod:`._trl_dpo_deepspeed`).
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ from balancer.recipes.dpo import tap_pairs
 
 from ._hf_groups import GroupingError, TrainerSetupError
 from ._hf_setup import BalancerSpec
+from ._trl_dpo_deepspeed import backward_per_side, check_deepspeed_setup
+from ._trl_dpo_parts import CHOSEN, REJECTED, PolicyForward, chosen_nll
 from .transformers import BalancerTrainerMixin
 
 try:
@@ -50,7 +55,6 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 __all__ = ["BalancedDPOTrainer"]
 
-CHOSEN, REJECTED = "chosen", "rejected"
 # Loss types whose per-pair loss depends on each side's log-probs through their token mean
 # (TRL divides the summed log-ratio by the completion length); every other one uses the sum.
 _MEAN_STYLE = frozenset({"ipo", "sigmoid_norm"})
@@ -76,35 +80,6 @@ _UNGROUPED = frozenset({"sft"})  # not part of the preference loss: added with w
 class _Plan(NamedTuple):
     split: bool  # capture chosen and rejected as groups (else one backward pass, taps only)
     reduction: str | None  # the tapped sequence log-prob: "sum", "mean", or None (no taps)
-
-
-class _PolicyForward:
-    """Stands in for the policy model in TRL's loss: calls it, keeps its per-token log-probs and
-    hands the loss a detached copy (a leaf) instead, so the loss's gradient there is one small pass."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.log_probs: Tensor | None = None
-        self.leaf: Tensor | None = None
-        self.outputs: Any = None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.log_probs is not None:
-            raise GroupingError(
-                "BalancedDPOTrainer: the loss ran the policy model twice in one micro-batch; the chosen/rejected "
-                "split needs the log-probs of one forward pass."
-            )
-        outputs = self.model(*args, **kwargs)
-        log_probs = getattr(outputs, "log_probs", None)
-        if not isinstance(log_probs, Tensor) or not log_probs.requires_grad:
-            raise GroupingError(
-                "BalancedDPOTrainer: the policy forward returned no per-token log-probs with a gradient "
-                "(`outputs.log_probs`, which TRL's DPOTrainer requests with fused_lm_head=True)."
-            )
-        self.outputs, self.log_probs = outputs, log_probs
-        self.leaf = log_probs.detach().requires_grad_()
-        outputs.log_probs = self.leaf
-        return outputs
 
 
 class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
@@ -157,11 +132,7 @@ class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
     def _check_dpo_setup(self) -> None:
         trainer: Any = self
         if self._on_deepspeed:
-            raise TrainerSetupError(
-                "BalancedDPOTrainer does not run under DeepSpeed yet: its chosen/rejected split takes several "
-                "backward passes after one forward (opt.backward_rows), which DeepSpeed's gradient reduction does "
-                "not allow. Train without deepspeed=, or with DDP (several processes, no DeepSpeed config)."
-            )
+            check_deepspeed_setup(trainer)
         types = list(trainer.loss_types)
         unknown = [t for t in types if t not in _SUM_STYLE | _MEAN_STYLE | _UNGROUPED]
         if unknown:
@@ -198,6 +169,16 @@ class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
                 "Leave split_groups unset."
             )
         split = on_groups if self.split_groups is None else self.split_groups
+        taps = [p.name for p in plugins if isinstance(p, TapPlugin) and p.needs_taps]
+        if self._on_deepspeed and taps:
+            raise TrainerSetupError(
+                f"{taps} act at taps, which pair the chosen and rejected rows of one backward pass; under DeepSpeed "
+                "each side has its own. Use a rule that acts on the groups (balanced_dpo rule='norm'), or DDP."
+            )
+        if self._on_deepspeed and not split:
+            raise TrainerSetupError("split_groups=False under DeepSpeed: the two sides are always captured as groups.")
+        if self._on_deepspeed:  # no taps there (they only would log: balanced_dpo rule='norm')
+            return _Plan(split=True, reduction=None)
         return _Plan(split=split, reduction=self._tap_reduction(plugins))
 
     def _tap_reduction(self, plugins: Sequence[Plugin]) -> str | None:
@@ -228,7 +209,9 @@ class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
     ) -> Tensor:
         """TRL's DPO loss once, its gradient split into chosen, rejected and ungrouped (see the module docs)."""
         trainer: Any = self
-        policy = _PolicyForward(model)
+        if self._on_deepspeed:
+            return backward_per_side(self, model, inputs, num_items_in_batch)
+        policy = PolicyForward(model)
         with trainer.compute_loss_context_manager():
             loss = trainer.compute_loss(policy, inputs)
         if policy.log_probs is None or policy.leaf is None:
@@ -268,14 +251,16 @@ class BalancedDPOTrainer(BalancerTrainerMixin, DPOTrainer):
         return self._plan[1]
 
     def _sft_term(self, log_probs: Tensor, shift_mask: Tensor) -> Tensor | None:
-        """The ``"sft"`` part of TRL's loss (weighted): the mean NLL of the chosen completions' tokens."""
+        """The ``"sft"`` part of TRL's loss (weighted): the mean NLL of the chosen completions' tokens;
+        ``None`` without one. ``log_probs``: all rows, chosen first."""
         trainer: Any = self
-        weights = [w for t, w in zip(trainer.loss_types, trainer.loss_weights, strict=True) if t == "sft"]
-        if not weights:
+        if "sft" not in trainer.loss_types:
             return None
-        chosen_mask = shift_mask.chunk(2, dim=0)[0].bool()
-        chosen = log_probs[:, -shift_mask.shape[1] :].chunk(2, dim=0)[0]
-        return -chosen[chosen_mask].mean() * sum(weights)
+        return self._sft_weight() * chosen_nll(log_probs.chunk(2, dim=0)[0], shift_mask.chunk(2, dim=0)[0])
+
+    def _sft_weight(self) -> float:
+        trainer: Any = self
+        return sum(w for t, w in zip(trainer.loss_types, trainer.loss_weights, strict=True) if t == "sft")
 
     def _tapped_split(self, grad: Tensor, at: Tensor, completion_mask: Tensor, pairs: int, reduction: str) -> Tensor:
         """``Σ G·x'`` rewritten through tapped sequence log-probs (equal value of the gradient)."""
