@@ -65,7 +65,12 @@ def test_ddp_equals_dpo_trainer_and_ranks_agree(launch, tmp_path: Path) -> None:
     for name in ("none", "norm", "prob"):
         assert relative(load(name, 0), load(name, 1)) == 0.0, name  # every rank applies the same update
     assert relative(plain, load("norm", 0)) > 1e-4 and relative(plain, start) > 1e-3
-    for name in ("norm", "prob"):
+    # norm acts on the groups (captured and logged); prob acts at the taps only (one backward, no groups)
+    for name, keys in (
+        ("norm", ("balancer/norm/chosen", "balancer/weight/rejected")),
+        ("prob", ("balancer/balanced_dpo/prob_factor", "balancer/balanced_dpo/logp_chosen")),
+    ):
         logs = [json.loads((tmp_path / f"{name}-{rank}.json").read_text()) for rank in (0, 1)]
-        assert logs[0][-1]["balancer/norm/chosen"] == logs[1][-1]["balancer/norm/chosen"] > 0
-        assert logs[0][-1]["balancer/weight/rejected"] == logs[1][-1]["balancer/weight/rejected"]
+        for key in keys:
+            assert logs[0][-1][key] == logs[1][-1][key] != 0, (name, key)
+    assert "balancer/norm/chosen" not in logs[0][-1]
