@@ -226,7 +226,8 @@ def report(title: str, times: dict[str, tuple[float, float]], targets: dict[str,
         )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, dict[str, tuple[float, float]]]:
+    """Prints the tables; returns, per table, each variant's median (step, training_step) seconds."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, one round: a smoke run")
     parser.add_argument("--skip-grpo", action="store_true", help="the DPO rows only")
@@ -236,15 +237,18 @@ def main(argv: list[str] | None = None) -> None:
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     print(f"{THREADS} threads, Llama hidden {size.hidden}, {size.layers} layers, float32; median of steps after warmup")
+    tables = {"DPO": measure(dpo_makers(size), size)}
     report(
         f"DPO: {size.pairs} pairs per step, completions of {size.completion} tokens",
-        measure(dpo_makers(size), size),
+        tables["DPO"],
         {"prob (taps)": TAP_TARGET},
     )
     if not options.skip_grpo:
         for k in (2, 4):
+            tables[f"GRPO k={k}"] = measure(grpo_makers(size, k), size)
             title = f"GRPO: {size.prompts} prompts x {size.generations} completions of <= {size.new_tokens} tokens"
-            report(f"{title}, {k} tasks", measure(grpo_makers(size, k), size), {})
+            report(f"{title}, {k} tasks", tables[f"GRPO k={k}"], {})
+    return tables
 
 
 if __name__ == "__main__":
