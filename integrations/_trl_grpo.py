@@ -13,7 +13,9 @@ metrics (``task_stats=True`` included) are in :mod:`._trl_grpo_stats`, the task 
 
 Cost per micro-batch: the forward once, then one backward pass per task present (below the
 log-probabilities), plus one full pass for the ungrouped terms when there are any. Under DDP every
-rank captures the tasks present on any rank (a task a rank lacks costs it one pass of zeros).
+rank captures the tasks present on any rank (a task a rank lacks costs it one pass of zeros). Under
+DeepSpeed, which allows one backward per forward, each task runs a forward of its own
+(:mod:`._trl_grpo_deepspeed`).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from balancer._unwrap import unwrap
 from balancer.recipes.split_half import SplitHalf
 
 from ._hf_groups import GroupingError, TrainerSetupError, group_name
+from ._trl_grpo_deepspeed import backward_per_task, check_deepspeed_setup
 from ._trl_grpo_sampler import StratifiedRepeatSampler, stratified_repeat_sampler, task_vocabulary
 from ._trl_grpo_split import (
     ModelOutputsAsLeaves,
@@ -112,11 +115,13 @@ class BalancedGRPOTrainer(BalancerTrainerMixin, GRPOTrainer):
     # -- setup ------------------------------------------------------------------------------------
     def _check_grpo_trainer(self) -> None:
         trainer: Any = self
-        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        if trainer.is_fsdp_enabled:
             raise TrainerSetupError(
-                "BalancedGRPOTrainer splits the loss by task with opt.backward_rows, which runs on one process and "
-                "under DDP, not under DeepSpeed or FSDP. Train without deepspeed=/fsdp=."
+                "BalancedGRPOTrainer splits the loss by task with opt.backward_rows (one process, DDP) or one forward "
+                "per task (DeepSpeed), not under FSDP. Train without fsdp=."
             )
+        if self._on_deepspeed:
+            check_deepspeed_setup(trainer)
         plugins = list(self._balancer_plugins)
         if self._balancer_optimizer_given:
             plugins = list(unwrap(self.optimizer).plugins)
@@ -238,6 +243,9 @@ class BalancedGRPOTrainer(BalancerTrainerMixin, GRPOTrainer):
             raise GroupingError(
                 "The batch carries no task indices: it did not come from _generate_and_score_completions."
             )
+        names = row_groups(self._task_names, tasks, halves)
+        if self._on_deepspeed:
+            return backward_per_task(self, model, inputs, num_items_in_batch, names)
         stand_in = ModelOutputsAsLeaves(model)
         with self.compute_loss_context_manager(), embedding_leaf_detached(self.model):
             loss = self.scale_like_trainer(self.compute_loss(stand_in, inputs, num_items_in_batch), num_items_in_batch)
@@ -249,7 +257,6 @@ class BalancedGRPOTrainer(BalancerTrainerMixin, GRPOTrainer):
                 policy_loss = self.scale_like_trainer(policy_loss, num_items_in_batch)
         del inputs
         at, policy, ungrouped = split_gradient(loss, policy_loss, stand_in.pairs)
-        names = row_groups(self._task_names, tasks, halves)
         if self.accelerator.num_processes > 1:
             at, policy, names = agree_on_groups(at, policy, names)
         surrogate = (policy * at).sum()
@@ -271,10 +278,10 @@ def _check_grpo_args(args: Any, task_stats: bool) -> None:
             "BalancedGRPOTrainer does not support use_vllm=True yet (generation and weight sync through vLLM are "
             "not verified with the grouped backward). Generate with transformers (use_vllm=False)."
         )
-    if getattr(args, "deepspeed", None) or getattr(args, "fsdp", None):
+    if getattr(args, "fsdp", None):
         raise TrainerSetupError(
-            "BalancedGRPOTrainer splits the loss by task with opt.backward_rows, which runs on one process and under "
-            "DDP, not under DeepSpeed or FSDP. Train without deepspeed=/fsdp=."
+            "BalancedGRPOTrainer splits the loss by task with opt.backward_rows (one process, DDP) or one forward per "
+            "task (DeepSpeed), not under FSDP. Train without fsdp=."
         )
     checkpoint = getattr(args, "gradient_checkpointing_kwargs", None) or {}
     if getattr(args, "gradient_checkpointing", False) and checkpoint.get("use_reentrant"):

@@ -35,6 +35,7 @@ __all__ = [
     "ModelOutputsAsLeaves",
     "agree_on_groups",
     "embedding_leaf_detached",
+    "leaf_gradients",
     "names_on_all_ranks",
     "split_gradient",
     "without_kl",
@@ -47,10 +48,13 @@ _LOSS_SIDE_EFFECTS = ("beta", "_metrics", "entropy_coef", "_last_world_entropy",
 class ModelOutputsAsLeaves:
     """Stands in for the model in TRL's ``compute_loss``: calls it, and replaces every output tensor that
     requires grad (log-probabilities, entropies, auxiliary loss) by a detached leaf, keeping the real one.
-    After :meth:`replay`, calls return the recorded outputs (same leaves) in order, without a forward pass."""
+    With ``grad=False`` the model runs without gradient and every floating-point output becomes a leaf
+    (DeepSpeed: the leaves' gradients are the coefficients of the per-task passes). After :meth:`replay`,
+    calls return the recorded outputs (same leaves) in order, without a forward pass."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, grad: bool = True) -> None:
         self.model = model
+        self.grad = grad  # False: the forward runs without gradient (its outputs give coefficients only)
         self.pairs: dict[str, list[tuple[Tensor, Tensor]]] = {}  # output key -> [(real tensor, its leaf)]
         self.outputs: list[Any] = []
         self.replayed: int | None = None
@@ -64,16 +68,17 @@ class ModelOutputsAsLeaves:
                 raise GroupingError("compute_loss called the model more often on the same batch the second time.")
             self.replayed += 1
             return self.outputs[self.replayed - 1]
-        outputs = self.model(*args, **kwargs)
+        with torch.set_grad_enabled(self.grad and torch.is_grad_enabled()):
+            outputs = self.model(*args, **kwargs)
         for key in list(outputs.keys()):
             real = outputs[key]
-            if isinstance(real, Tensor) and real.requires_grad:
+            if isinstance(real, Tensor) and (real.requires_grad or (not self.grad and real.is_floating_point())):
                 leaf = real.detach().requires_grad_()
                 setattr(outputs, key, leaf)
                 self.pairs.setdefault(key, []).append((real, leaf))
         if "log_probs" not in self.pairs:
             raise GroupingError(
-                "The model's output carries no `log_probs` that require grad: BalancedGRPOTrainer splits the loss at "
+                "The model's output carries no `log_probs` (that require grad): BalancedGRPOTrainer splits the loss at "
                 "the per-token log-probabilities of TRL's fused LM head (`fused_lm_head=True`)."
             )
         self.outputs.append(outputs)
@@ -83,27 +88,42 @@ class ModelOutputsAsLeaves:
         return getattr(self.model, name)
 
 
-def split_gradient(
+def leaf_gradients(
     loss: Tensor, policy_loss: Tensor | None, pairs: dict[str, list[tuple[Tensor, Tensor]]]
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """``(at, policy, ungrouped)``: ``at`` the real log-probabilities (one node of their own), ``policy`` the
-    gradient at them of the loss without its KL term (``policy_loss``, or ``loss`` when it has none), and a
-    scalar whose gradient is the rest of ``loss``'s (KL through a second handle on the log-probabilities,
-    entropy bonus, auxiliary loss), or ``None`` when there is no rest."""
+) -> tuple[Tensor, dict[str, list[Tensor | None]]]:
+    """``(policy, rest)``: ``policy`` the gradient at the log-probabilities (chunks concatenated by rows) of the
+    loss without its KL term (``policy_loss``, or ``loss`` when it has none); ``rest`` for each output key the
+    gradient of the remaining part of ``loss`` at each chunk's leaf (the KL part for ``"log_probs"``), ``None``
+    where that part does not reach it."""
     leaves = [leaf for items in pairs.values() for _, leaf in items]
     _only_leaves(loss, leaves)
     logp = [leaf for _, leaf in pairs["log_probs"]]
-    grads = dict(zip(map(id, leaves), torch.autograd.grad(loss, leaves, allow_unused=True), strict=True))
-    total = torch.cat([torch.zeros_like(t) if grads[id(t)] is None else grads[id(t)] for t in logp])
+    found = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grads = {id(t): g for t, g in zip(leaves, found, strict=True)}
+    total = [torch.zeros_like(t) if grads[id(t)] is None else grads[id(t)] for t in logp]
+    rest: dict[str, list[Tensor | None]] = {k: [grads[id(leaf)] for _, leaf in items] for k, items in pairs.items()}
+    rest["log_probs"] = [None] * len(logp)
     policy = total
-    terms: list[Tensor] = []
     if policy_loss is not None:
         found = torch.autograd.grad(policy_loss, logp, allow_unused=True)
-        policy = torch.cat([torch.zeros_like(t) if g is None else g for t, g in zip(logp, found, strict=True)])
-        terms.append(((total - policy) * torch.cat([real for real, _ in pairs["log_probs"]])).sum())
-    for key, items in pairs.items():
-        if key != "log_probs":
-            terms.extend((grads[id(leaf)] * real).sum() for real, leaf in items if grads[id(leaf)] is not None)
+        policy = [torch.zeros_like(t) if g is None else g for t, g in zip(logp, found, strict=True)]
+        rest["log_probs"] = [t - p for t, p in zip(total, policy, strict=True)]
+    return torch.cat(policy), rest
+
+
+def split_gradient(
+    loss: Tensor, policy_loss: Tensor | None, pairs: dict[str, list[tuple[Tensor, Tensor]]]
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(at, policy, ungrouped)``: ``at`` the real log-probabilities (one node of their own), ``policy`` as in
+    :func:`leaf_gradients`, and a scalar whose gradient is the rest of ``loss``'s (KL through a second handle on
+    the log-probabilities, entropy bonus, auxiliary loss), or ``None`` when there is no rest."""
+    policy, rest = leaf_gradients(loss, policy_loss, pairs)
+    terms = [
+        (grad * real).sum()
+        for key, items in pairs.items()
+        for (real, _), grad in zip(items, rest[key], strict=True)
+        if grad is not None
+    ]
     at = torch.cat([real for real, _ in pairs["log_probs"]])
     return at, policy, (torch.stack(terms).sum() if terms else None)
 
