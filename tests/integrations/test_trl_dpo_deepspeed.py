@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,18 +19,20 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
+from tests.integrations.trl_fixtures import relative_difference  # noqa: E402
+
 STAGES = (2, 3)
 
 SCRIPT = """
 import json, os, sys, torch, torch.distributed as dist
 from pathlib import Path
-import datasets, deepspeed, transformers
-from accelerate.state import AcceleratorState, GradientState
+import datasets, transformers
 from trl import DPOConfig, DPOTrainer
 from balancer.errors import BalancerError
 sys.path.insert(0, os.getcwd())
 from balancer.integrations._trl_dpo import BalancedDPOTrainer
-from tests.integrations.trl_fixtures import preference_dataset, tiny_llama, tiny_tokenizer
+from tests.integrations.trl_fixtures import (deepspeed_config, preference_dataset, save_engine_parameters, tiny_llama,
+                                             tiny_tokenizer)
 
 transformers.logging.set_verbosity_error()
 datasets.disable_progress_bars()
@@ -37,23 +40,16 @@ out = Path(sys.argv[1])
 rank = int(os.environ["RANK"])
 
 def make(cls, stage, extra=None, **overrides):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-          "gradient_clipping": "auto", "steps_per_print": 10**9, "zero_optimization": {"stage": stage}}
     kw = dict(output_dir=str(out / "run"), per_device_train_batch_size=4, max_steps=3, learning_rate=0.5,
               optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, report_to=[],
               save_strategy="no", disable_tqdm=True, seed=0, bf16=False, gradient_checkpointing=False,
-              use_cpu=True, deepspeed=ds, beta=0.1)  # use_cpu: else accelerate sees one process
+              use_cpu=True, deepspeed=deepspeed_config(stage), beta=0.1)  # use_cpu: else accelerate sees one process
     kw.update(overrides)
     return cls(model=tiny_llama(), ref_model=tiny_llama(), args=DPOConfig(**kw), train_dataset=preference_dataset(32),
                processing_class=tiny_tokenizer(), **(extra or {}))
 
 def finish(trainer, key, report):
-    engine = trainer.model_wrapped
-    ps = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(ps, enabled=engine.zero_optimization_stage() == 3):
-        torch.save([p.detach().clone() for p in ps], out / f"{key}-{rank}.pt")
+    save_engine_parameters(trainer, out / f"{key}-{rank}.pt")
     report[key] = [e for e in trainer.state.log_history if "loss" in e]
 
 report = {}
@@ -84,20 +80,14 @@ os._exit(0)  # gloo's teardown at exit can abort after the results are written
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    from tests.integrations.conftest import Launch
-
-    path = tmp_path_factory.mktemp("trl_dpo_deepspeed")
-    Launch(path)(SCRIPT, timeout=600)
+def runs(launch_once: Any) -> tuple[Path, list[dict]]:
+    launch_once(SCRIPT, timeout=600)  # the first DeepSpeed launch on a machine also compiles its shm op
+    path = launch_once.tmp_path
     return path, [json.loads((path / f"report{rank}.json").read_text()) for rank in (0, 1)]
 
 
 def params(path: Path, key: str, rank: int) -> list[torch.Tensor]:
-    return torch.load(path / f"{key}-{rank}.pt")
-
-
-def relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((p - q).abs().max() / p.abs().max()) for p, q in zip(a, b, strict=True))
+    return torch.load(path / f"{key}-{rank}.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -106,7 +96,7 @@ def test_no_plugin_equals_dpo_trainer(runs: tuple[Path, list[dict]], stage: int,
     path, reports = runs
     for rank in (0, 1):
         plain, ours = f"zero{stage}_plain{sft}", f"zero{stage}_none{sft}"
-        assert relative(params(path, plain, rank), params(path, ours, rank)) <= 1e-5
+        assert relative_difference(params(path, plain, rank), params(path, ours, rank)) <= 1e-5
         for a, b in zip(reports[rank][plain], reports[rank][ours], strict=True):
             assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
             assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
@@ -116,8 +106,8 @@ def test_no_plugin_equals_dpo_trainer(runs: tuple[Path, list[dict]], stage: int,
 def test_norm_rule_balances_the_sides_identically_on_both_ranks(runs: tuple[Path, list[dict]], stage: int) -> None:
     path, reports = runs
     key = f"zero{stage}_norm"
-    assert relative(params(path, key, 0), params(path, key, 1)) == 0.0
-    assert relative(params(path, key, 0), params(path, f"zero{stage}_plain", 0)) > 1e-4
+    assert relative_difference(params(path, key, 0), params(path, key, 1)) == 0.0
+    assert relative_difference(params(path, key, 0), params(path, f"zero{stage}_plain", 0)) > 1e-4
     for entry0, entry1 in zip(reports[0][key], reports[1][key], strict=True):
         assert entry0["balancer/norm/chosen"] == entry1["balancer/norm/chosen"] > 0
         chosen = entry0["balancer/weight/chosen"] * entry0["balancer/norm/chosen"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -18,6 +19,8 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
+from tests.integrations.trl_fixtures import relative_difference  # noqa: E402
+
 STAGES = (2, 3)
 
 SCRIPT = """
@@ -25,13 +28,12 @@ import json, os, sys, warnings
 from pathlib import Path
 sys.path.insert(0, os.getcwd())
 warnings.simplefilter("ignore")
-import torch, torch.distributed as dist, deepspeed, datasets, transformers
-from accelerate.state import AcceleratorState, GradientState
+import torch, torch.distributed as dist, datasets, transformers
 from trl import GRPOTrainer
 from balancer.errors import BalancerError
 from balancer.integrations._trl_grpo import BalancedGRPOTrainer
 from tests.integrations.test_trl_grpo import make
-from tests.integrations.trl_fixtures import tiny_llama
+from tests.integrations.trl_fixtures import deepspeed_config, save_engine_parameters, tiny_llama
 
 transformers.logging.set_verbosity_error()
 datasets.disable_progress_bars()
@@ -44,20 +46,13 @@ dropout.config.attention_dropout = 0.1
 dropout.save_pretrained(out / f"dropout{rank}")  # TRL builds the reference model (beta > 0) from a path
 
 def build(cls, stage, trainer=None, model=None, **overrides):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-          "gradient_clipping": "auto", "steps_per_print": 10**9, "zero_optimization": {"stage": stage}}
     kw = dict(optim="sgd", per_device_train_batch_size=4, gradient_accumulation_steps=1, max_steps=3,
-              max_grad_norm=0.0, use_cpu=True, deepspeed=ds, beta=0.1, entropy_coef=0.01)
+              max_grad_norm=0.0, use_cpu=True, deepspeed=deepspeed_config(stage), beta=0.1, entropy_coef=0.01)
     kw.update(overrides)
     return make(out / f"run{stage}", cls, model=str(model_dir) if model is None else model, trainer=trainer, **kw)
 
 def finish(trainer, key, report):
-    engine = trainer.model_wrapped
-    ps = list(engine.module.parameters())
-    with deepspeed.zero.GatheredParameters(ps, enabled=engine.zero_optimization_stage() == 3):
-        torch.save([p.detach().clone() for p in ps], out / f"{key}-{rank}.pt")
+    save_engine_parameters(trainer, out / f"{key}-{rank}.pt")
     report[key] = [e for e in trainer.state.log_history if "loss" in e]
 
 report = {}
@@ -82,20 +77,14 @@ os._exit(0)  # gloo's teardown at exit can abort after the results are written
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
-    from tests.integrations.conftest import Launch
-
-    path = tmp_path_factory.mktemp("trl_grpo_deepspeed")
-    Launch(path)(SCRIPT, timeout=600)
+def runs(launch_once: Any) -> tuple[Path, list[dict]]:
+    launch_once(SCRIPT, timeout=600)  # the first DeepSpeed launch on a machine also compiles its shm op
+    path = launch_once.tmp_path
     return path, [json.loads((path / f"report{rank}.json").read_text()) for rank in (0, 1)]
 
 
 def params(path: Path, key: str, rank: int) -> list[torch.Tensor]:
-    return torch.load(path / f"{key}-{rank}.pt")
-
-
-def relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
-    return max(float((p - q).abs().max() / p.abs().max()) for p, q in zip(a, b, strict=True))
+    return torch.load(path / f"{key}-{rank}.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -105,7 +94,7 @@ def test_no_plugin_equals_grpo_trainer(runs: tuple[Path, list[dict]], stage: int
     path, reports = runs
     for rank in (0, 1):
         plain, ours = f"zero{stage}_plain", f"zero{stage}_none"
-        assert relative(params(path, plain, rank), params(path, ours, rank)) <= 1e-6  # measured 6e-8
+        assert relative_difference(params(path, plain, rank), params(path, ours, rank)) <= 1e-6  # measured 6e-8
         for a, b in zip(reports[rank][plain], reports[rank][ours], strict=True):
             assert b["reward"] == a["reward"]  # the same completions
             assert b["kl"] == pytest.approx(a["kl"], rel=1e-4, abs=1e-9)
@@ -117,8 +106,8 @@ def test_no_plugin_equals_grpo_trainer(runs: tuple[Path, list[dict]], stage: int
 def test_task_norm_balances_the_tasks_identically_on_both_ranks(runs: tuple[Path, list[dict]], stage: int) -> None:
     path, reports = runs
     key = f"zero{stage}_task_norm"
-    assert relative(params(path, key, 0), params(path, key, 1)) == 0.0
-    assert relative(params(path, key, 0), params(path, f"zero{stage}_plain", 0)) > 1e-4
+    assert relative_difference(params(path, key, 0), params(path, key, 1)) == 0.0
+    assert relative_difference(params(path, key, 0), params(path, f"zero{stage}_plain", 0)) > 1e-4
     balanced_steps = 0
     for entry0, entry1 in zip(reports[0][key], reports[1][key], strict=True):
         norms = {k.rpartition("/")[2]: v for k, v in entry0.items() if k.startswith("balancer/norm/")}

@@ -19,6 +19,8 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
+from tests.integrations.trl_fixtures import relative_difference  # noqa: E402
+
 STAGES = (2, 3)
 TASKS = ("math", "code", "chat")
 METRICS = ("loss", "entropy", "mean_token_accuracy", "num_tokens")
@@ -26,14 +28,13 @@ METRICS = ("loss", "entropy", "mean_token_accuracy", "num_tokens")
 SCRIPT = """
 import json, os, sys, torch, torch.distributed as dist
 from pathlib import Path
-import datasets, deepspeed, transformers
-from accelerate.state import AcceleratorState, GradientState
+import datasets, transformers
 from trl import SFTConfig, SFTTrainer
 from balancer.errors import BalancerError
 from balancer.integrations._hf_groups import GROUP_KEY
 from balancer.integrations._trl_sft import BalancedSFTTrainer
 sys.path.insert(0, os.getcwd())
-from tests.integrations.trl_fixtures import tiny_llama, tiny_tokenizer
+from tests.integrations.trl_fixtures import deepspeed_config, save_engine_parameters, tiny_llama, tiny_tokenizer
 
 transformers.logging.set_verbosity_error()
 datasets.disable_progress_bars()
@@ -61,14 +62,10 @@ class BalancedT(Recording, BalancedSFTTrainer):
         return losses
 
 def make(cls, stage, plugins=None, **overrides):
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-          "gradient_clipping": "auto", "steps_per_print": 10**9, "zero_optimization": {"stage": stage}}
     kw = dict(output_dir=str(out / "run"), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
               optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0, logging_steps=1, report_to=[],
               save_strategy="no", disable_tqdm=True, seed=0, bf16=False, activation_checkpointing=False,
-              max_length=None, use_cpu=True, deepspeed=ds)  # use_cpu: else accelerate sees 1 process
+              max_length=None, use_cpu=True, deepspeed=deepspeed_config(stage))  # use_cpu: else one process
     kw.update(overrides)
     model = tiny_llama()
     with torch.no_grad():
@@ -85,9 +82,7 @@ for stage in (2, 3):
         trainer = make(cls, stage, plugins)
         trainer.train()
         engine = trainer.model_wrapped
-        ps = list(engine.module.parameters())
-        with deepspeed.zero.GatheredParameters(ps, enabled=stage == 3):
-            torch.save([p.detach().clone() for p in ps], out / f"zero{stage}_{key}_params{rank}.pt")
+        save_engine_parameters(trainer, out / f"zero{stage}_{key}_params{rank}.pt")
         entry = {"seen": trainer.seen, "ran": trainer.ran, "engine": type(engine).__name__,
                  "logs": [h for h in trainer.state.log_history if "loss" in h]}
         if cls is BalancedT:
@@ -118,10 +113,6 @@ def _params(path: Path, key: str, rank: int) -> list[torch.Tensor]:
     return torch.load(path / f"{key}_params{rank}.pt", weights_only=True)
 
 
-def _relative_error(got: list[torch.Tensor], expected: list[torch.Tensor]) -> float:
-    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, expected, strict=True))
-
-
 @pytest.mark.parametrize("stage", STAGES)
 def test_no_plugin_equals_sft_trainer(stage, runs):
     path, reports = runs
@@ -132,7 +123,7 @@ def test_no_plugin_equals_sft_trainer(stage, runs):
         assert ours["engine"] == plain["engine"] == "DeepSpeedEngine" and ours["backend"] == "DeepSpeedBackend"
         assert ours["steps"] == 3
         expected = _params(path, f"zero{stage}_plain", rank)
-        assert _relative_error(_params(path, f"zero{stage}_none", rank), expected) <= 1e-6
+        assert relative_difference(expected, _params(path, f"zero{stage}_none", rank)) <= 1e-6
         for key in METRICS:  # the micro-batch's metrics, gathered over both ranks once
             got, want = [h[key] for h in ours["logs"]], [h[key] for h in plain["logs"]]
             assert got == pytest.approx(want, rel=1e-6), key
@@ -160,8 +151,8 @@ def test_task_norm_logs_agree_across_ranks(stage, runs):
         sizes.append(len(norms))
     assert max(sizes) >= 2
     params = [_params(path, f"zero{stage}_task_norm", rank) for rank in range(2)]
-    assert _relative_error(params[0], params[1]) == 0.0
-    assert _relative_error(params[0], _params(path, f"zero{stage}_plain", 0)) > 1e-4  # task_norm changed the update
+    assert relative_difference(params[0], params[1]) == 0.0
+    assert relative_difference(_params(path, f"zero{stage}_plain", 0), params[0]) > 1e-4  # task_norm changed the update
 
 
 def test_gradient_accumulation_is_refused(runs):

@@ -86,3 +86,35 @@ def max_relative_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
     return max(
         ((p - q).abs().max() / p.abs().max()).item() for p, q in zip(a.parameters(), b.parameters(), strict=True)
     )
+
+
+# -- DeepSpeed on 2 CPU ranks (the scripts the *_deepspeed tests launch) ---------------------------
+def deepspeed_config(stage: int) -> dict[str, Any]:
+    """ZeRO ``stage`` with the sizes and clipping taken from the TrainingArguments (``"auto"``), quiet.
+    Resets accelerate's process-wide state, so that a script can build one trainer after another."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "steps_per_print": 10**9,
+        "zero_optimization": {"stage": stage},
+    }
+
+
+def save_engine_parameters(trainer: Any, path: Path) -> None:
+    """The full parameters of a trained DeepSpeed trainer's model (gathered under ZeRO-3), as a list."""
+    import deepspeed
+
+    engine = trainer.model_wrapped
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=engine.zero_optimization_stage() == 3):
+        torch.save([p.detach().clone() for p in params], path)
+
+
+def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest difference of two parameter lists, relative to each of ``a``'s largest entry."""
+    return max(float((p - q).abs().max() / p.abs().max()) for p, q in zip(a, b, strict=True))
