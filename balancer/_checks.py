@@ -74,21 +74,27 @@ def check_model_params(model: torch.nn.Module, trained: Iterable[Tensor]) -> Non
         )
 
 
-def check_graph_leaves(losses: Iterable[Tensor], trained: Iterable[Tensor]) -> None:
-    """Walks the autograd graphs once and refuses leaves that require grad but are not optimized."""
-    known = {id(p) for p in trained}
+def graph_leaves(losses: Iterable[Tensor]) -> list[Tensor]:
+    """The tensors that require grad at the leaves of the losses' autograd graphs (one walk)."""
     seen: set[int] = set()
     stack: list[Any] = [loss.grad_fn for loss in losses if loss.grad_fn is not None]
-    foreign: list[tuple[int, ...]] = []
+    leaves: list[Tensor] = []
     while stack:
         node = stack.pop()
         if node is None or id(node) in seen:
             continue
         seen.add(id(node))
         variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) not in known:
-            foreign.append(tuple(variable.shape))
+        if variable is not None:
+            leaves.append(variable)
         stack.extend(next_node for next_node, _ in node.next_functions)
+    return leaves
+
+
+def check_graph_leaves(losses: Iterable[Tensor], trained: Iterable[Tensor]) -> None:
+    """Walks the autograd graphs once and refuses leaves that require grad but are not optimized."""
+    known = {id(p) for p in trained}
+    foreign = [tuple(leaf.shape) for leaf in graph_leaves(losses) if id(leaf) not in known]
     if foreign:
         raise CaptureError(
             f"{len(foreign)} tensor(s) that require grad feed these losses but are not in the inner optimizer "

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from balancer._checks import graph_leaves
+
 from ._hf_groups import GroupingError
 
 __all__ = [
@@ -146,20 +148,13 @@ def _only_leaves(loss: Tensor, leaves: list[Tensor]) -> None:
     """Refuses a loss that reaches a tensor requiring grad other than the stand-in leaves (a parameter used
     outside the model's forward): that part of its gradient would be lost."""
     known = {id(t) for t in leaves}
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        variable = getattr(node, "variable", None)
-        if variable is not None and id(variable) not in known:
-            raise GroupingError(
-                f"The GRPO loss depends on a tensor of shape {tuple(variable.shape)} that requires grad other than "
-                "through the model's outputs, so its gradient cannot be split by task. Compute every term of the "
-                "loss from the model's outputs in compute_loss, or override balanced_backward."
-            )
-        stack.extend(next_node for next_node, _ in node.next_functions)
+    foreign = [t for t in graph_leaves([loss]) if id(t) not in known]
+    if foreign:
+        raise GroupingError(
+            f"The GRPO loss depends on a tensor of shape {tuple(foreign[0].shape)} that requires grad other than "
+            "through the model's outputs, so its gradient cannot be split by task. Compute every term of the "
+            "loss from the model's outputs in compute_loss, or override balanced_backward."
+        )
 
 
 def agree_on_groups(at: Tensor, policy: Tensor, names: list[str]) -> tuple[Tensor, Tensor, list[str]]:

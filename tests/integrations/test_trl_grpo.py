@@ -17,7 +17,7 @@ import transformers  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from balancer import GroupStats, Plugin, unwrap  # noqa: E402
-from balancer.integrations._hf_groups import TrainerSetupError  # noqa: E402
+from balancer.integrations._hf_groups import GroupingError, TrainerSetupError  # noqa: E402
 from balancer.integrations._trl_grpo import TASK_KEY, BalancedGRPOTrainer, _check_grpo_args  # noqa: E402
 from balancer.integrations._trl_grpo_sampler import StratifiedRepeatSampler  # noqa: E402
 from balancer.integrations._trl_grpo_stats import TaskMetrics, row_groups  # noqa: E402
@@ -399,6 +399,20 @@ def test_refusals(tmp_path: Path) -> None:
     with pytest.raises(TrainerSetupError, match="not under FSDP"):
         _check_grpo_args(SimpleNamespace(**{**fields, "fsdp": "full_shard"}), task_stats=False)
     _check_grpo_args(SimpleNamespace(**{**fields, "deepspeed": "ds.json"}), task_stats=False)  # one forward per task
+
+
+def test_loss_term_outside_the_model_outputs_is_refused(tmp_path: Path) -> None:
+    """A custom compute_loss that uses a parameter directly: that part of the gradient cannot be split by
+    task, so the step stops instead of dropping it."""
+
+    class WeightPenalty(BalancedGRPOTrainer):
+        def compute_loss(self, model: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            return loss + 1e-3 * self.model.lm_head.weight.square().sum()
+
+    trainer = make(tmp_path, WeightPenalty, max_steps=1)
+    with pytest.raises(GroupingError, match=r"depends on a tensor of shape \(46, 32\) that requires grad"):
+        trainer.train()
 
 
 # -- two ranks (DDP, gloo) -----------------------------------------------------------------------
