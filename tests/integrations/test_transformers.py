@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ from balancer import Balancer, unwrap  # noqa: E402
 from balancer.errors import CaptureError  # noqa: E402
 from balancer.integrations._hf_sampler import StratifiedGroupSampler  # noqa: E402
 from balancer.integrations.transformers import BalancedTrainer, GroupingError, TrainerSetupError  # noqa: E402
+from tests.integrations.trl_fixtures import assert_resumed_run_identical, common_args, max_relative_difference  # noqa: E402
 
 TASKS = ("math", "code", "chat")
 
@@ -53,29 +53,7 @@ def dataset(n: int = 24, task_values: Any = TASKS) -> Any:
 
 
 def training_args(out: Path, **overrides: Any) -> TrainingArguments:
-    base: dict[str, Any] = dict(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        max_steps=3,
-        learning_rate=1e-2,
-        max_grad_norm=0.5,
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        dataloader_num_workers=0,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    base.update(overrides)
-    return TrainingArguments(**base)
-
-
-def max_relative_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
-    return max(
-        ((p - q).abs().max() / p.abs().max()).item() for p, q in zip(a.parameters(), b.parameters(), strict=True)
-    )
+    return TrainingArguments(**common_args(out, **overrides))
 
 
 def train_pair(tmp_path: Path, data: Any = None, trainer_setup: Any = None, **overrides: Any) -> tuple[Any, Any]:
@@ -172,11 +150,7 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
         return trainer
 
     full = run(tmp_path / "full")
-    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2"))
-    for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
-        assert torch.equal(p, q)
-    a, b = full.balancer.state_dict()["balancer"], resumed.balancer.state_dict()["balancer"]
-    assert json.dumps(a, default=str) == json.dumps(b, default=str)
+    assert_resumed_run_identical(full, run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2")))
 
 
 def test_stratified_sampler_puts_every_group_in_every_step(tmp_path: Path) -> None:

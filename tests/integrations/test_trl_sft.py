@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from balancer import Balancer, unwrap  # noqa: E402
 from balancer.integrations._hf_groups import TrainerSetupError  # noqa: E402
 from balancer.integrations._trl_sft import BalancedSFTTrainer  # noqa: E402
 from tests.integrations.trl_fixtures import (  # noqa: E402
+    assert_resumed_run_identical,
     common_args,
     max_relative_difference,
     tiny_llama,
@@ -197,11 +197,7 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
         return trainer
 
     full = run(tmp_path / "full")
-    resumed = run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2"))
-    for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
-        assert torch.equal(p, q)
-    a, b = full.balancer.state_dict()["balancer"], resumed.balancer.state_dict()["balancer"]
-    assert json.dumps(a, default=str) == json.dumps(b, default=str)
+    assert_resumed_run_identical(full, run(tmp_path / "resumed", resume=str(tmp_path / "full" / "checkpoint-2")))
 
 
 # TRL turns gradient checkpointing on by default; transformers deprecates the name it is enabled through.

@@ -1,4 +1,5 @@
-"""Tiny models, a tokenizer built in code and in-memory datasets for the TRL trainer tests (nothing downloaded)."""
+"""Tiny models, a tokenizer built in code, in-memory datasets and comparisons for the Hugging Face Trainer and TRL
+trainer tests (nothing downloaded; TRL itself is not imported here)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,17 @@ def common_args(out: Path, **overrides: Any) -> dict[str, Any]:
     )
     base.update(overrides)
     return base
+
+
+def assert_resumed_run_identical(full: Any, resumed: Any) -> None:
+    """A run resumed from a checkpoint ends with the parameters and Balancer state of the uninterrupted one, bit
+    for bit."""
+    import json
+
+    for p, q in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(p, q)
+    a, b = full.balancer.state_dict()["balancer"], resumed.balancer.state_dict()["balancer"]
+    assert json.dumps(a, default=str) == json.dumps(b, default=str)
 
 
 def max_relative_difference(a: torch.nn.Module, b: torch.nn.Module) -> float:
