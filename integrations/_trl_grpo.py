@@ -20,7 +20,9 @@ DeepSpeed, which allows one backward per forward, each task runs a forward of it
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +53,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 __all__ = ["TASK_KEY", "BalancedGRPOTrainer", "StratifiedRepeatSampler"]
 
 TASK_KEY = "balancer_task"  # LongTensor [rows]: each completion's index into the trainer's task names
+TASK_METRICS_FILE = "balancer_task_metrics.json"  # in each checkpoint with task_stats=True
 
 
 class BalancedGRPOTrainer(BalancerTrainerMixin, GRPOTrainer):
@@ -264,6 +267,19 @@ class BalancedGRPOTrainer(BalancerTrainerMixin, GRPOTrainer):
         return loss.detach()
 
     # -- per-step task statistics -----------------------------------------------------------------
+    def _save_rng_state(self, output_dir: str) -> None:
+        """Trainer saves its random states with every resumable checkpoint; the learning gain's state goes
+        with them (the same on every rank: it comes from gathered rewards)."""
+        super()._save_rng_state(output_dir)
+        if self.task_stats and self.args.should_save:
+            (Path(output_dir) / TASK_METRICS_FILE).write_text(json.dumps(self._task_metrics.state_dict()))
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        super()._load_rng_state(checkpoint)
+        path = None if checkpoint is None else Path(checkpoint) / TASK_METRICS_FILE
+        if self.task_stats and path is not None and path.is_file():
+            self._task_metrics.load_state_dict(json.loads(path.read_text()))
+
     def _maybe_log_save_evaluate(self, tr_loss: Tensor, grad_norm: Any, *args: Any, **kwargs: Any) -> None:
         if self.task_stats:  # the step's per-task norms, before TRL averages and logs the window's metrics
             step = self.state.global_step

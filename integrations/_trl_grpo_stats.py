@@ -18,7 +18,8 @@ LLMs* (arXiv 2510.19178), measure:
   iteration on (the parameters were already updated on both halves), so the trainer refuses
   ``task_stats=True`` there.
 * the learning gain: a task's mean reward now minus at the previous generation batch that held it.
-  This is state in memory, not in checkpoints: after a resume the first gain of each task is not logged.
+  That last reward per task is the metrics' state (:meth:`TaskMetrics.state_dict`), saved with each
+  checkpoint, so a resumed run logs the same gains.
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ class TaskMetrics:
         self.half_counts: dict[str, tuple[int, int]] = {}  # task -> prompts in halves A and B, last generation
         self.last_reward: dict[str, float] = {}  # task -> mean reward at the last generation that held it
         self.recorded_step = -1  # the optimizer step whose norms were last recorded
+
+    def state_dict(self) -> dict[str, dict[str, float]]:
+        """What the learning gain needs across a checkpoint: each task's last mean reward."""
+        return {"last_reward": dict(self.last_reward)}
+
+    def load_state_dict(self, state: dict[str, dict[str, float]]) -> None:
+        self.last_reward = {str(task): float(reward) for task, reward in state["last_reward"].items()}
 
     def log_scores(
         self, metrics: Metrics, names: list[str], tasks: Tensor, rewards: Tensor, advantages: Tensor, train: bool

@@ -362,18 +362,24 @@ class StopAt(transformers.TrainerCallback):
 
 
 def test_resume_is_exact(tmp_path: Path) -> None:
-    whole = make(tmp_path / "whole", max_steps=4, trainer={"balancer": ["task_norm"]})
+    """Parameters, grad_norm and the per-task statistics, learning gain included (its state is checkpointed)."""
+    setup = dict(per_device_train_batch_size=6, max_steps=4)
+    plugins = {"balancer": ["task_norm"], "stratify": True, "task_stats": True}
+    whole = make(tmp_path / "whole", trainer=plugins, **setup)
     whole.train()
-    first = make(
-        tmp_path / "resumed", max_steps=4, save_strategy="steps", save_steps=2,
-        trainer={"balancer": ["task_norm"], "callbacks": [StopAt(2)]},
-    )  # fmt: skip
+    stop = {**plugins, "callbacks": [StopAt(2)]}
+    first = make(tmp_path / "resumed", save_strategy="steps", save_steps=2, trainer=stop, **setup)
     first.train()
     assert first.state.global_step == 2
-    resumed = make(tmp_path / "resumed", max_steps=4, trainer={"balancer": ["task_norm"]})
+    resumed = make(tmp_path / "resumed", trainer=plugins, **setup)
     resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "out" / "checkpoint-2"))
     assert max_relative_difference(whole.model, resumed.model) <= 1e-6
-    assert logged(resumed, "grad_norm")[-1] == pytest.approx(logged(whole, "grad_norm")[-1], rel=1e-6)
+    assert logged(resumed, "grad_norm")[-2:] == pytest.approx(logged(whole, "grad_norm")[-2:], rel=1e-6)
+    for task in TASKS:
+        key = f"balancer/learning_gain/{task}"
+        assert len(logged(whole, key)) == 3  # steps 2, 3, 4
+        # steps 2 (from the checkpoint's log history), 3 (needs the checkpointed state) and 4
+        assert logged(resumed, key) == pytest.approx(logged(whole, key), rel=1e-6, abs=1e-9)
 
 
 # -- refusals ------------------------------------------------------------------------------------
