@@ -8,7 +8,6 @@ on a forward without gradient). One torchrun launch trains, per stage, TRL's ``D
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from tests.integrations.trl_fixtures import relative_difference  # noqa: E402
+from tests.integrations.trl_fixtures import launch_reports, load_parameters, relative_difference  # noqa: E402
 
 STAGES = (2, 3)
 
@@ -81,13 +80,11 @@ os._exit(0)  # gloo's teardown at exit can abort after the results are written
 
 @pytest.fixture(scope="module")
 def runs(launch_once: Any) -> tuple[Path, list[dict]]:
-    launch_once(SCRIPT, timeout=600)  # the first DeepSpeed launch on a machine also compiles its shm op
-    path = launch_once.tmp_path
-    return path, [json.loads((path / f"report{rank}.json").read_text()) for rank in (0, 1)]
+    return launch_reports(launch_once, SCRIPT)
 
 
 def params(path: Path, key: str, rank: int) -> list[torch.Tensor]:
-    return torch.load(path / f"{key}-{rank}.pt", weights_only=True)
+    return load_parameters(path / f"{key}-{rank}.pt")
 
 
 @pytest.mark.parametrize("stage", STAGES)

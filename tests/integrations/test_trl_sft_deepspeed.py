@@ -19,7 +19,7 @@ pytest.importorskip("deepspeed")
 pytest.importorskip("trl")
 pytest.importorskip("datasets")
 
-from tests.integrations.trl_fixtures import relative_difference  # noqa: E402
+from tests.integrations.trl_fixtures import launch_reports, load_parameters, relative_difference  # noqa: E402
 
 STAGES = (2, 3)
 TASKS = ("math", "code", "chat")
@@ -103,14 +103,11 @@ os._exit(0)  # skip gloo's C++ teardown, which about one run in 50 aborts after 
 
 @pytest.fixture(scope="module")
 def runs(launch_once):
-    path = launch_once.tmp_path
-    # 420 s: the first DeepSpeed launch on a machine JIT-compiles its shm op (about 70 s on 2 cores).
-    launch_once(SCRIPT, json.dumps(TASKS), timeout=420)
-    return path, [json.loads((path / f"report{rank}.json").read_text()) for rank in range(2)]
+    return launch_reports(launch_once, SCRIPT, json.dumps(TASKS))
 
 
 def _params(path: Path, key: str, rank: int) -> list[torch.Tensor]:
-    return torch.load(path / f"{key}_params{rank}.pt", weights_only=True)
+    return load_parameters(path / f"{key}_params{rank}.pt")
 
 
 @pytest.mark.parametrize("stage", STAGES)

@@ -130,3 +130,18 @@ def save_engine_parameters(trainer: Any, path: Path) -> None:
 def relative_difference(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """Largest difference of two parameter lists, relative to each of ``a``'s largest entry."""
     return max(float((p - q).abs().max() / p.abs().max()) for p, q in zip(a, b, strict=True))
+
+
+def launch_reports(launch: Any, script: str, *args: str, timeout: float = 600) -> tuple[Path, list[dict[str, Any]]]:
+    """Runs ``script`` on 2 ranks (a module-scoped ``launch_once``) and reads the ``report<rank>.json`` each
+    rank wrote. The first DeepSpeed launch on a machine also compiles its shm op (about 70 s on 2 cores)."""
+    import json
+
+    launch(script, *args, timeout=timeout)
+    path = Path(launch.tmp_path)
+    return path, [json.loads((path / f"report{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def load_parameters(path: Path) -> list[torch.Tensor]:
+    """A parameter list saved by :func:`save_engine_parameters`."""
+    return torch.load(path, weights_only=True)
