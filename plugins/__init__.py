@@ -16,6 +16,7 @@ from .cagrad import CAGrad, CAGradOptions
 from .dualproj import DualProj, DualProjOptions
 from .dwa import DWA, DWAOptions
 from .famo import FAMO, FAMOOptions
+from .gls import GLS, GLSOptions
 from .gradvac import GradVac, GradVacOptions
 from .imtl_g import IMTLG, IMTLGOptions
 from .mgda import MGDA, MGDAOptions
@@ -24,6 +25,7 @@ from .pcgrad import PCGrad, PCGradOptions
 from .replay_bias import ReplayBias, ReplayBiasOptions
 from .rlw import RLW, RLWOptions
 from .task_norm import TaskNorm, TaskNormOptions
+from .uncertainty import Uncertainty, UncertaintyOptions
 from .upgrad import UPGrad, UPGradOptions
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "DWAOptions",
     "FAMO",
     "FAMOOptions",
+    "GLS",
+    "GLSOptions",
     "GradVac",
     "GradVacOptions",
     "IMTLG",
@@ -55,6 +59,8 @@ __all__ = [
     "ReplayBiasOptions",
     "TaskNorm",
     "TaskNormOptions",
+    "Uncertainty",
+    "UncertaintyOptions",
     "UPGrad",
     "UPGradOptions",
 ]
@@ -75,6 +81,8 @@ BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (
     DualProj,
     CAGrad,
     NashMTL,
+    Uncertainty,
+    GLS,
 )
 
 

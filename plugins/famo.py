@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import TypedDict
 
 import torch
 from pydantic import Field
@@ -11,12 +11,10 @@ from torch import Tensor
 from balancer import GroupStats, PluginOptions
 from balancer.contract.weighting import GramWeighting
 
+from ._adam import StepRule, descend
 from ._named import NamedIndex, check_named_state, check_nonnegative
 
 __all__ = ["FAMO", "FAMOOptions", "FAMOState"]
-
-_ADAM_BETAS = (0.9, 0.999)
-_ADAM_EPS = 1e-8
 
 
 class FAMOOptions(PluginOptions):
@@ -30,7 +28,7 @@ class FAMOOptions(PluginOptions):
     eps: float = Field(
         1e-8, gt=0.0, lt=1e-2, description="Added to ℓ - b before the logarithm, as in the paper's code."
     )
-    optimizer: Literal["adam", "sgd"] = Field(
+    optimizer: StepRule = Field(
         "adam", description="Step on the logits: Adam (official code, torchjd) or plain ξ ← ξ - lr (δ + γ ξ) (Alg. 1)."
     )
 
@@ -130,17 +128,12 @@ class FAMO(GramWeighting[FAMOState]):
         learn = seen.any()
 
         new = dict(full)
-        if opts.optimizer == "adam":
-            (b1, b2), take = _ADAM_BETAS, named.take
-            steps = take(full["steps"]) + 1.0
-            exp_avg = b1 * take(full["exp_avg"]) + (1.0 - b1) * grad
-            exp_avg_sq = b2 * take(full["exp_avg_sq"]) + (1.0 - b2) * grad * grad
-            denom = (exp_avg_sq / (1.0 - b2**steps)).sqrt() + _ADAM_EPS
-            stepped = logits - opts.lr * exp_avg / (1.0 - b1**steps) / denom
-            for key, value in (("steps", steps), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)):
-                new[key] = named.put(full[key], torch.where(learn, value, take(full[key])))
-        else:
-            stepped = logits - opts.lr * grad
+        take = named.take
+        stepped, *moments = descend(
+            opts.optimizer, opts.lr, logits, grad, take(full["exp_avg"]), take(full["exp_avg_sq"]), take(full["steps"])
+        )
+        for key, value in zip(("exp_avg", "exp_avg_sq", "steps"), moments, strict=True):
+            new[key] = named.put(full[key], torch.where(learn, value, take(full[key])))
         logits = torch.where(learn, stepped, logits)
         new["logits"] = named.put(full["logits"], logits)
         new["log_loss"] = named.put(full["log_loss"], torch.where(valid, log_now, previous))

@@ -29,7 +29,7 @@ OWN = "gradient-balancer"
 PLUGINS = {cls.name: cls for cls in BUILTIN_PLUGINS}
 DOCUMENTED = {
     "task_norm", "balanced_dpo", "replay_bias", "pcgrad", "mgda", "upgrad", "imtl_g", "cagrad",
-    "aligned_mtl", "nash_mtl", "gradvac", "dualproj", "famo", "dwa", "rlw",
+    "aligned_mtl", "nash_mtl", "gradvac", "dualproj", "famo", "dwa", "rlw", "uncertainty", "gls",
 }  # fmt: skip
 
 # The option sets each plugin's conformance runs with, as ``options`` or ``(options, check_plugin kwargs)``.
@@ -62,6 +62,8 @@ CONFORMANCE: dict[str, list[Any]] = {
     "gradvac": [{}, {"beta": 0.01}, {"beta": 1.0, "seed": 3}],
     "famo": [{}, {"optimizer": "sgd"}, {"min_loss": 0.05}, {"min_loss": {"group1": 0.05}}],
     "dwa": [{}, {"temperature": 0.1}, {"beta": 0.9}],
+    "uncertainty": [{}, {"optimizer": "sgd", "lr": 0.1}, {"init": 1.0, "lr": 0.01}],
+    "gls": [{}],
     "rlw": [{}, {"seed": 9}, {"std": 3.0}],
     "mgda": [{}, {"normalization": "l2"}, {"normalization": "loss+"}],
     "upgrad": [{}, {"reg_eps": 1e-4}],
@@ -85,6 +87,8 @@ BAD_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "gradvac": [{"beta": 1.5}, {"beta": -0.1}, {"eps": 0.0}, {"eps": 0.5}, {"gamma": 1}],
     "famo": [{"lr": -1}, {"gamma": -0.1}, {"eps": 0}, {"optimizer": "lbfgs"}, {"beta": 1}],
     "dwa": [{"temperature": 0}, {"beta": 1.0}, {"beta": -0.5}, {"T": 2}],
+    "uncertainty": [{"lr": -1e-3}, {"optimizer": "lbfgs"}, {"init": "x"}, {"log_var": 0.0}],
+    "gls": [{"temperature": 1.0}],
     "rlw": [{"std": 0}, {"seed": 1.5}, {"dist": "Normal"}],
     "mgda": [{"normalization": "l1"}, {"epsilon": 1e-3}],
     "upgrad": [{"reg_eps": -1.0}, {"reg_eps": 2.0}, {"pref": 1}],
