@@ -4,6 +4,11 @@ Wu et al., *Imbalanced Gradients in RL Post-Training of Multi-Task LLMs* (arXiv 
 Findings of EACL 2026) measure per-task squared gradient norms that differ by up to 33x without
 matching learning gains, and call for gradient-level corrections. This plugin is the direct one:
 rescale each task so that its contribution to the update has the same norm.
+
+The norm of a mini-batch gradient is biased upward by the batch noise, ``E‖ĝ_k‖² = ‖E g_k‖² +
+tr Cov ĝ_k``, so with the naive norms a noisy task looks larger than it is. With
+``estimate="split_half"`` and each task captured as two independent halves ``"x/A"``, ``"x/B"``
+(:mod:`balancer.recipes.split_half`), the task's norm is the unbiased estimate instead.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from balancer import GroupStats, PluginOptions
+from balancer import GroupStats, PluginError, PluginOptions
 from balancer.contract.weighting import GramWeighting
+from balancer.recipes.split_half import task_layout
 
 from ._named import ByName, check_nonnegative, check_scalars_by_name, gather_by_name, scatter_by_name
 from ._options import refuse_ignored
@@ -45,6 +51,11 @@ class TaskNormOptions(PluginOptions):
     eps: float = Field(1e-8, gt=0.0, lt=1.0, description="Norms below eps·target count as eps·target (caps weights).")
     max_weight: float | None = Field(
         None, gt=0.0, description="Upper bound on the factor task_norm applies to a group (None: only eps bounds it)."
+    )
+    estimate: Literal["naive", "split_half"] = Field(
+        "naive",
+        description="Norm of a group: its gradient's ('naive'), or for tasks captured as halves 'x/A', 'x/B' the "
+        "unbiased split-half estimate sqrt(max(4<g_A, g_B>, 0)) of the task's ‖E g‖ ('split_half').",
     )
 
     @model_validator(mode="after")
@@ -77,6 +88,14 @@ class TaskNorm(GramWeighting[TaskNormState]):
         w_k = 0                                        if ĉ_k = 0   (a zero gradient, never NaN)
 
     With ``alpha = 1`` and ``beta = 0`` every group's contribution ``‖w_k g_k‖`` equals ``T``.
+
+    ``estimate="split_half"``: every group must be a half ``"x/A"`` or ``"x/B"`` of a task ``x``
+    whose other half is in the step (a group without its partner raises :class:`PluginError`).
+    The unit is then the task: ``c_x = sqrt(max(4⟨v_A g_A, v_B g_B⟩, 0))``, unbiased in square
+    for ``‖E(v g_x)‖²`` when the halves are independent and weighted alike (``v_A = v_B``, as when
+    ``task_norm`` comes first); the EMA is kept per task; both halves get the task's factor. A
+    task whose estimate is ``≤ 0`` (its halves disagree: no mean gradient measurable) counts
+    as a zero gradient and gets weight 0 in that step.
     ``max_weight`` caps the factor ``w_k / v_k``, so a group whose gradient has all but vanished
     (a solved task) is not blown up to ``1/eps``.
 
@@ -104,10 +123,16 @@ class TaskNorm(GramWeighting[TaskNormState]):
     def weigh(self, stats: GroupStats, state: TaskNormState) -> tuple[Tensor, TaskNormState]:
         opts = self.options
         contrib = stats.norms  # of the weighted gradients: |v_k|·‖g_k‖
+        names: tuple[str, ...] = stats.names
+        members: list[tuple[int, ...]] = [(i,) for i in range(stats.num_groups)]
+        if opts.estimate == "split_half":
+            names, members = _split_half_tasks(stats.names)
+            cross = torch.stack([stats.gram[rows[0], rows[1]] for rows in members])
+            contrib = (4.0 * cross).clamp_min(0.0).sqrt()
         ema_norms = dict(state["ema_norms"])
         if opts.beta > 0.0:
-            contrib = opts.beta * gather_by_name(ema_norms, stats.names, contrib) + (1.0 - opts.beta) * contrib
-            ema_norms = scatter_by_name(ema_norms, stats.names, contrib)
+            contrib = opts.beta * gather_by_name(ema_norms, names, contrib) + (1.0 - opts.beta) * contrib
+            ema_norms = scatter_by_name(ema_norms, names, contrib)
         positive = contrib > 0
         count = positive.sum()
         mean = torch.where(positive, contrib, 0.0).sum() / count.clamp_min(1)
@@ -128,4 +153,23 @@ class TaskNorm(GramWeighting[TaskNormState]):
         factor = torch.where(positive, (target / safe) ** opts.alpha, 0.0)
         if opts.max_weight is not None:
             factor = factor.clamp(max=opts.max_weight)
+        if opts.estimate == "split_half":
+            group_task = [0] * stats.num_groups
+            for t, rows in enumerate(members):
+                for i in rows:
+                    group_task[i] = t
+            factor = factor[group_task]
         return factor, TaskNormState(ema_norms=ema_norms, ema_target=ema_target, updates=state["updates"] + 1)
+
+
+def _split_half_tasks(names: tuple[str, ...]) -> tuple[tuple[str, ...], list[tuple[int, ...]]]:
+    """The tasks of ``names`` and the rows of their halves ``(A, B)``; every group must be a half."""
+    tasks, rows = task_layout(names)
+    unpaired = [names[r[0]] for r in rows if len(r) != 2]
+    if unpaired:
+        raise PluginError(
+            f"task_norm with estimate='split_half' needs every group captured as two halves 'x/A' and 'x/B' "
+            f"(balancer.recipes.split_half.half_groups); found groups without their other half: {unpaired}. "
+            "Capture each task as two halves, or use estimate='naive'."
+        )
+    return tasks, rows

@@ -9,24 +9,38 @@ Per optimizer step and task: ``prompts`` prompts, ``rollouts`` responses each. R
 normalised within each prompt's group, ``Â_i = (r_i − mean r) / std r`` (a group whose rewards
 are all equal, std below 1e-6, gets zero advantages). With ``ρ_t = π_θ(o_t) / π_old(o_t)`` per token::
 
-    ℓ_i = −Σ_t min(ρ_t Â_i, clip(ρ_t, 1−ε, 1+ε) Â_i)         (loss_norm="sequence", the default)
-    ℓ_i = −(1/|o_i|) Σ_t min(...)                             (loss_norm="token", GRPO's 1/|o_i|)
+    ℓ_i = −(1/|o_i|) Σ_t min(ρ_t Â_i, clip(ρ_t, 1−ε, 1+ε) Â_i)   (loss_norm="token", the default)
+    ℓ_i = −Σ_t min(...)                                          (loss_norm="sequence")
 
-and the task's loss is the mean of ``ℓ_i`` over its responses. "sequence" sums the token terms,
-so a task's gradient grows with its answer length (as with Dr. GRPO's constant normaliser);
-"token" averages them. Each rollout phase samples ``minibatches`` disjoint sets of prompts with
-π_old, then takes one optimizer step on each: the first step has ρ = 1, later ones are clipped.
+and the task's loss is ``Σ_i ℓ_i / (prompts · rollouts)`` over its responses (the mean when the
+task got its ``prompts``). "token" is GRPO's ``1/|o_i|`` (with equal answer lengths, the same up
+to a constant as DAPO's token-level mean); "sequence" sums the token terms, so a task's gradient
+grows with its answer length (as with Dr. GRPO's constant normaliser). Each rollout phase samples
+``minibatches`` disjoint sets of prompts with π_old, then takes one optimizer step on each: the
+first step has ρ = 1, later ones are clipped.
 
 Each task's prompts are split in two halves captured as groups ``task/A`` and ``task/B`` whose
 losses add up to the task's loss (:mod:`balancer.recipes.split_half`): the Balancer's Gram matrix then
 gives the unbiased split-half estimate of ``‖E g_k‖²``, and :class:`SplitHalf` makes the plugins
 weigh tasks, not halves. The parameters of a step never saw that step's prompts, so the halves
-are independent given the parameters.
+are independent given the parameters. The same split gives the estimate on the last layer alone
+(the output head; Wu et al. use the last block as a proxy), ``4⟨∇_head ℓ_A, ∇_head ℓ_B⟩``, logged
+as ``sq_norm_last`` next to the naive ``sq_norm_last_naive``.
+
+Task sampling: ``sampling="uniform"`` gives every task ``prompts`` prompts per step;
+``"gradient"`` is Wu et al.'s gradient-proportional sampling: the ``K·prompts`` prompts of a step
+are shared out in proportion to each task's EMA (factor ``SAMPLING_BETA``) of its split-half
+``‖E g_k‖²`` (negative estimates count as 0), measured at ``prompts`` prompts (a task given ``c_k``
+prompts has a loss ``c_k / prompts`` times its mean's, so its estimate is scaled by
+``(prompts / c_k)²``: else the allocation would feed back on itself), in pairs (one prompt per half), at least one pair
+per task, by largest remainder; before the first measurement, and when no estimate is positive,
+uniformly.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -35,19 +49,21 @@ from torch import Tensor, nn
 
 from balancer.demo.tasks import DIGITS, Task, separator_token, task_token, vocab_size
 from balancer.optimizer import Balancer
-from balancer.recipes.split_half import SplitHalf, half_groups
+from balancer.recipes.split_half import SplitHalf, half_groups, split_half_sq_norms
 
-__all__ = ["GRPOConfig", "Policy", "Rollouts", "rollout", "task_losses", "train"]
+__all__ = ["GRPOConfig", "Policy", "Rollouts", "prompt_counts", "rollout", "task_losses", "train"]
 
 LossNorm = Literal["sequence", "token"]
+Sampling = Literal["uniform", "gradient"]
 MIN_REWARD_STD = 1e-6
+SAMPLING_BETA = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig:
     """Sizes and hyperparameters of one training run."""
 
-    steps: int = 1200
+    steps: int = 600
     prompts: int = 8
     """Prompts per task per optimizer step (even: half go to group ``task/A``, half to ``task/B``)."""
     rollouts: int = 8
@@ -57,7 +73,8 @@ class GRPOConfig:
     clip: float = 0.2
     lr: float = 2e-3
     hidden: int = 64
-    loss_norm: LossNorm = "sequence"
+    loss_norm: LossNorm = "token"
+    sampling: Sampling = "uniform"
 
     def __post_init__(self) -> None:
         if self.prompts < 2 or self.prompts % 2:
@@ -66,6 +83,8 @@ class GRPOConfig:
             raise ValueError(f"`rollouts` must be >= 2 (advantages are normalised per group). Found {self.rollouts}.")
         if self.loss_norm not in ("sequence", "token"):
             raise ValueError(f"`loss_norm` must be 'sequence' or 'token'. Found `{self.loss_norm!r}`.")
+        if self.sampling not in ("uniform", "gradient"):
+            raise ValueError(f"`sampling` must be 'uniform' or 'gradient'. Found `{self.sampling!r}`.")
 
 
 class Policy(nn.Module):
@@ -142,14 +161,19 @@ def task_losses(policy: Policy, batch: Rollouts, cfg: GRPOConfig) -> tuple[tuple
     n = batch.responses.shape[0]
     halves = (slice(0, n // 2), slice(n // 2, n))
     losses: list[Tensor] = []
+    head_grads: list[Tensor] = []
     clipped = entropy_sum = 0.0
+    head = list(policy.head.parameters())
     for rows in halves:
         logp, entropy = _token_logprobs(policy, batch.context[rows], batch.responses[rows])
         ratio = torch.exp(logp - batch.old_logp[rows])
         advantage = batch.advantages[rows].unsqueeze(1)
         surrogate = torch.minimum(ratio * advantage, ratio.clamp(1 - cfg.clip, 1 + cfg.clip) * advantage)
         per_response = surrogate.sum(dim=1) if cfg.loss_norm == "sequence" else surrogate.mean(dim=1)
-        losses.append(-per_response.sum() / n)
+        loss = -per_response.sum() / (cfg.prompts * cfg.rollouts)
+        losses.append(loss)
+        grads = torch.autograd.grad(loss, head, retain_graph=True)
+        head_grads.append(torch.cat([g.reshape(-1) for g in grads]).double())
         clipped += float(((ratio - 1).abs() > cfg.clip).sum())
         entropy_sum += float(entropy.detach().sum())
     tokens = batch.responses.numel()
@@ -160,8 +184,32 @@ def task_losses(policy: Policy, batch: Rollouts, cfg: GRPOConfig) -> tuple[tuple
         "zero_variance_groups": float(batch.zero_variance),
         "entropy": entropy_sum / tokens,
         "clip_fraction": clipped / tokens,
+        "sq_norm_last": float(4.0 * head_grads[0] @ head_grads[1]),
+        "sq_norm_last_naive": float((head_grads[0] + head_grads[1]).square().sum()),
+        "prompts": float(n // cfg.rollouts),
     }
     return (losses[0], losses[1]), info
+
+
+def prompt_counts(sq_norms: Sequence[float], prompts: int) -> list[int]:
+    """Prompts per task for gradient-proportional sampling (see the module docstring).
+
+    ``sq_norms``: each task's EMA of ``‖E g_k‖²``. The counts are even, at least 2, and add up
+    to ``len(sq_norms) · prompts``.
+    """
+    k = len(sq_norms)
+    positive = [max(v, 0.0) if math.isfinite(v) else 0.0 for v in sq_norms]
+    total = sum(positive)
+    pairs = k * prompts // 2
+    if total <= 0:
+        return [prompts] * k
+    spare = pairs - k  # one pair per task first
+    shares = [spare * v / total for v in positive]
+    extra = [math.floor(x) for x in shares]
+    order = sorted(range(k), key=lambda j: extra[j] - shares[j])  # largest remainder first
+    for j in order[: spare - sum(extra)]:
+        extra[j] += 1
+    return [2 * (1 + e) for e in extra]
 
 
 def train(
@@ -170,20 +218,28 @@ def train(
     cfg: GRPOConfig,
     seed: int,
     on_step: Callable[[Balancer, int, dict[str, dict[str, float]]], None],
+    *,
+    half_plugins: Sequence[Any] = (),
 ) -> None:
     """Trains a fresh policy for ``cfg.steps`` steps; ``on_step(opt, step, extra)`` after each step.
 
-    ``extra`` maps each statistic of :func:`task_losses` to ``{task: value}``. The same seed gives
-    the same initial policy and the same prompts and samples (until the runs' policies differ).
+    ``plugins`` weigh tasks (inside :class:`SplitHalf`); ``half_plugins`` run after them on the
+    halves themselves (``task_norm`` with ``estimate="split_half"``). ``extra`` maps each
+    statistic of :func:`task_losses` to ``{task: value}``. The same seed gives the same initial
+    policy and the same prompts and samples (until the runs' policies differ).
     """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     policy = Policy(vocab_size(len(tasks)), cfg.hidden)
-    opt = Balancer(torch.optim.Adam(policy.parameters(), lr=cfg.lr), plugins=[SplitHalf(plugins)])
+    opt = Balancer(torch.optim.Adam(policy.parameters(), lr=cfg.lr), plugins=[SplitHalf(plugins), *half_plugins])
+    ema: list[float] | None = None
     step = 0
     while step < cfg.steps:
+        counts = [cfg.prompts] * len(tasks)
+        if cfg.sampling == "gradient" and ema is not None:
+            counts = prompt_counts(ema, cfg.prompts)
         phase = [
-            [rollout(policy, tasks, i, cfg.prompts, cfg.rollouts, generator) for i in range(len(tasks))]
+            [rollout(policy, tasks, i, counts[i], cfg.rollouts, generator) for i in range(len(tasks))]
             for _ in range(min(cfg.minibatches, cfg.steps - step))
         ]
         for batch in phase:
@@ -196,6 +252,15 @@ def train(
                     extra.setdefault(key, {})[task.name] = value
             opt.backward(losses)
             opt.step()
+            if opt.last_stats is not None:
+                # per prompt share: a task's loss grows with its prompt count, its mean gradient does not
+                measured = split_half_sq_norms(opt.last_stats).tolist()
+                now = [v * (cfg.prompts / c) ** 2 for v, c in zip(measured, counts, strict=True)]
+                ema = (
+                    now
+                    if ema is None
+                    else [SAMPLING_BETA * e + (1 - SAMPLING_BETA) * v for e, v in zip(ema, now, strict=True)]
+                )
             opt.zero_grad()
             on_step(opt, step, extra)
             step += 1

@@ -22,7 +22,7 @@ import torch
 from balancer.config import build_plugins
 from balancer.demo.grpo import GRPOConfig, LossNorm, train
 from balancer.demo.summary import format_comparison, format_run, summarize
-from balancer.demo.tasks import TASKS
+from balancer.demo.tasks import TASK_SETS, Task
 from balancer.errors import ConfigError
 from balancer.optimizer import Balancer
 from balancer.recipes.split_half import pool_halves, split_half_sq_norms
@@ -35,11 +35,13 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised without the demo extra only
     raise missing_extra(exc) from exc
 
-__all__ = ["DEFAULT", "QUICK", "run_demo"]
+__all__ = ["DEFAULT", "LOSS_NORMS", "QUICK", "run_demo"]
 
 DEFAULT = GRPOConfig()
 QUICK = GRPOConfig(steps=24, prompts=4, rollouts=4)
 """``--quick``: a smoke test of the whole pipeline (seconds), too short to learn anything."""
+LOSS_NORMS: dict[str, LossNorm] = {"nature": "token", "length": "sequence"}
+"""The loss normalisation of each ``--setting`` unless ``--loss-norm`` says otherwise."""
 
 
 def _parse_plugins(plugins: str) -> list[str]:
@@ -74,7 +76,7 @@ def _progress(run: str, total: int) -> Iterator[Callable[[int, dict[str, float]]
     yield update_line
 
 
-def _train_logged(run: str, plugins: list[str], cfg: GRPOConfig, seed: int, log: Path) -> None:
+def _train_logged(run: str, plugins: list[str], cfg: GRPOConfig, seed: int, log: Path, tasks: tuple[Task, ...]) -> None:
     """Trains one run, logging each step with the tasks pooled from their halves and the split-half estimates."""
     logger = MetricsLogger(log, run=run, tasks=pool_halves, task_series={"sq_norms_split_half": split_half_sq_norms})
     with logger, _progress(run, cfg.steps) as progress:
@@ -83,7 +85,7 @@ def _train_logged(run: str, plugins: list[str], cfg: GRPOConfig, seed: int, log:
             logger.log(opt, step=step, extra=extra)
             progress(step, extra["reward"])
 
-        train(TASKS, plugins, cfg, seed, on_step)
+        train(tasks, plugins, cfg, seed, on_step)
 
 
 def run_demo(
@@ -93,23 +95,30 @@ def run_demo(
     plugins: str = "task_norm",
     out: str | Path = "balancer-demo",
     quick: bool = False,
-    loss_norm: LossNorm = "sequence",
+    loss_norm: LossNorm | None = None,
     threads: int = 1,
+    setting: str = "nature",
 ) -> int:
     """Trains the baseline and the balanced run, prints their summaries, writes the log and figure.
 
     Args:
-        steps: optimizer steps per run (default 1200, or 24 with ``quick``).
+        steps: optimizer steps per run (default 600, or 24 with ``quick``).
         seed: same seed, same metrics (on the same machine and thread count).
         plugins: comma-separated plugin names for the balanced run, validated before training.
         out: folder for ``metrics.jsonl`` (rewritten) and ``report.png``.
         quick: small batches and few steps, for smoke tests.
-        loss_norm: ``"sequence"`` sums each response's token terms, ``"token"`` averages them.
+        loss_norm: ``"sequence"`` sums each response's token terms, ``"token"`` averages them
+            (default: ``"token"`` for the setting ``"nature"``, ``"sequence"`` for ``"length"``).
         threads: torch's intra-op threads while training (restored afterwards). The tensors are
             tiny, so one thread is the fastest; the metrics do not depend on it.
+        setting: ``"nature"`` (tasks with 2-token answers that differ by nature) or ``"length"``
+            (answers of 8, 1 and 1 tokens: the imbalance then follows the answer length).
     """
+    if setting not in TASK_SETS:
+        raise ConfigError([("setting", f"must be one of {sorted(TASK_SETS)}; found {setting!r}")])
+    tasks = TASK_SETS[setting]
     chosen = _parse_plugins(plugins)
-    cfg = dataclasses.replace(QUICK if quick else DEFAULT, loss_norm=loss_norm)
+    cfg = dataclasses.replace(QUICK if quick else DEFAULT, loss_norm=loss_norm or LOSS_NORMS[setting])
     if steps is not None:
         cfg = dataclasses.replace(cfg, steps=steps)
     out = Path(out)
@@ -120,7 +129,8 @@ def run_demo(
     print(
         "Multi-task GRPO post-training of one tiny GRU policy (after Wu et al., arXiv 2510.19178).\n"
         + "Tasks: "
-        + ", ".join(f"{t.name} ({t.answer_len}-token answer)" for t in TASKS)
+        + ", ".join(f"{t.name} ({t.answer_len}-token answer)" for t in tasks)
+        + f" (setting {setting!r})"
         + f".\nPer step and task: {cfg.prompts} prompts x {cfg.rollouts} responses, loss normalised per "
         f"{cfg.loss_norm}; |g|^2 per task: split-half estimate 4<g_A, g_B> (unbiased) and naive |g_A + g_B|^2.\n"
         f"Run 1: baseline (no balancing). Run 2: {label}. Seed {seed}, {cfg.steps} steps each.",
@@ -129,8 +139,8 @@ def run_demo(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        _train_logged("baseline", [], cfg, seed, log)
-        _train_logged(label, chosen, cfg, seed, log)
+        _train_logged("baseline", [], cfg, seed, log, tasks)
+        _train_logged(label, chosen, cfg, seed, log, tasks)
     finally:
         torch.set_num_threads(previous)
     runs = read_metrics(log)

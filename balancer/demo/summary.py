@@ -4,9 +4,12 @@ Wu et al. (*Imbalanced Gradients in RL Post-Training of Multi-Task LLMs*, arXiv 
 define a task's learning gain as the increase of its training reward. Here a run of ``T`` steps
 is cut into ``WINDOWS`` equal windows; ``R̄_k(j)`` is task k's mean training reward in window j
 and ``S̄_k(j)`` the mean of its split-half estimates of ``‖E g_k‖²``. The gain that follows
-window j is ``R̄_k(j+1) − R̄_k(j)``. If large gradients meant large gains, ``S̄_k(j)`` and that
-gain would rank tasks alike: the summary gives their Spearman correlation over all (task,
-window) pairs, and the same against the mean ``|Â|`` (advantage statistics) for comparison.
+window j is ``R̄_k(j+1) − R̄_k(j)``: with ``s = T / WINDOWS`` steps and ``t`` the end of window j,
+``Gain(t) = mean R over (t, t+s] − mean R over [t−s, t)``. If large gradients meant large gains,
+``S̄_k(j)`` and that gain would rank tasks alike: the summary gives their Spearman correlation
+over all (task, window) pairs, and the same against the window's mean reward and mean ``|Â|``
+(do rewards or advantages explain the norms?). The last-layer estimate (the output head) is
+summarised next to the all-parameter one, with the rank correlation of the two.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ class TaskSummary:
     """Mean split-half estimate of ``‖E g_k‖²`` over the run."""
     sq_norm_naive: float
     """Mean naive ``‖ĝ_k‖²`` over the run (biased upward by the batch noise)."""
+    sq_norm_last: float
+    """Mean split-half estimate of ``‖E g_k‖²`` on the last layer (the output head)."""
+    prompt_share: float
+    """Mean share of the step's prompts that went to the task (``1/K`` with uniform sampling)."""
     weight: float
     """Median weight over the steps where the task had a gradient (a zero gradient gets weight 0
     from ``task_norm``; a tiny one can get a huge weight, hence the median)."""
@@ -57,6 +64,20 @@ class RunSummary:
     """Spearman correlation of ``S̄_k(j)`` with the gain that follows window j, over tasks and windows."""
     advantage_rank_correlation: float | None
     """Spearman correlation of ``S̄_k(j)`` with the mean ``|Â|`` of window j."""
+    reward_rank_correlation: float | None
+    """Spearman correlation of ``S̄_k(j)`` with the mean reward of window j."""
+    last_layer_rank_correlation: float | None
+    """Spearman correlation of ``S̄_k(j)`` with its last-layer counterpart."""
+
+    @property
+    def worst_final(self) -> float:
+        """The lowest final reward over the tasks."""
+        return min(t.reward_final for t in self.tasks)
+
+    @property
+    def mean_final(self) -> float:
+        """The final reward averaged over the tasks."""
+        return _mean([t.reward_final for t in self.tasks])
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -92,6 +113,10 @@ def spearman(xs: Sequence[float], ys: Sequence[float]) -> float | None:
     return cov / math.sqrt(vx * vy) if vx > 0 and vy > 0 else None
 
 
+def _spearman_pairs(pairs: Sequence[tuple[float, float]]) -> float | None:
+    return spearman(*zip(*pairs, strict=True)) if pairs else None
+
+
 def _windows(series: Sequence[float], count: int) -> list[float]:
     size = len(series) / count
     return [_mean(series[round(j * size) : round((j + 1) * size)]) for j in range(count)]
@@ -109,6 +134,9 @@ def summarize(records: Sequence[dict[str, Any]]) -> RunSummary:
     summaries: list[TaskSummary] = []
     pairs_gain: list[tuple[float, float]] = []
     pairs_adv: list[tuple[float, float]] = []
+    pairs_reward: list[tuple[float, float]] = []
+    pairs_last: list[tuple[float, float]] = []
+    total_prompts = [sum(r["extra"]["prompts"].values()) for r in records]
     for k, name in enumerate(tasks):
         split = [r["task_sq_norms_split_half"][k] for r in records]
         rewards = [r["extra"]["reward"][name] for r in records]
@@ -116,11 +144,18 @@ def summarize(records: Sequence[dict[str, Any]]) -> RunSummary:
         reward_w, split_w, adv_w = _windows(rewards, windows), _windows(split, windows), _windows(advantages, windows)
         pairs_gain += [(split_w[j], reward_w[j + 1] - reward_w[j]) for j in range(windows - 1)]
         pairs_adv += list(zip(split_w, adv_w, strict=True))
+        pairs_reward += list(zip(split_w, reward_w, strict=True))
+        last = [r["extra"]["sq_norm_last"][name] for r in records]
+        pairs_last += list(zip(split_w, _windows(last, windows), strict=True))
         summaries.append(
             TaskSummary(
                 name=name,
                 sq_norm=_mean(split),
                 sq_norm_naive=_mean([r["task_sq_norms"][k] for r in records]),
+                sq_norm_last=_mean(last),
+                prompt_share=_mean(
+                    [r["extra"]["prompts"][name] / n for r, n in zip(records, total_prompts, strict=True)]
+                ),
                 weight=_median([r["task_weights"][k] for r in records if r["task_sq_norms"][k]]),
                 reward_first=reward_w[0],
                 reward_final=_mean(rewards[-final:]),
@@ -136,8 +171,10 @@ def summarize(records: Sequence[dict[str, Any]]) -> RunSummary:
         tasks=tuple(summaries),
         imbalance_ratio=_ratio([t.sq_norm for t in summaries]),
         imbalance_ratio_naive=_ratio([t.sq_norm_naive for t in summaries]),
-        gain_rank_correlation=spearman(*zip(*pairs_gain, strict=True)) if pairs_gain else None,
-        advantage_rank_correlation=spearman(*zip(*pairs_adv, strict=True)) if pairs_adv else None,
+        gain_rank_correlation=_spearman_pairs(pairs_gain),
+        advantage_rank_correlation=_spearman_pairs(pairs_adv),
+        reward_rank_correlation=_spearman_pairs(pairs_reward),
+        last_layer_rank_correlation=_spearman_pairs(pairs_last),
     )
 
 
@@ -148,13 +185,15 @@ def _num(value: float | None, spec: str) -> str:
 def format_run(summary: RunSummary) -> str:
     """The per-task table of one run, then its imbalance ratio and rank correlations."""
     head = (
-        f"{'task':<8} {'|g|^2 split-half':>16} {'|g|^2 naive':>11} {'w median':>8} {'reward first->final':>19} "
+        f"{'task':<8} {'|g|^2 split-half':>16} {'|g|^2 naive':>11} {'last layer':>10} {'w median':>8} "
+        f"{'reward first->final':>19} "
         f"{'gain early':>10} {'gain late':>9} {'mean |A|':>8} {'zero-var groups':>15}"
     )
     lines = [f"== {summary.run} ({summary.steps} steps) ==", head]
     for t in summary.tasks:
         lines.append(
-            f"{t.name:<8} {_num(t.sq_norm, '.2e'):>16} {_num(t.sq_norm_naive, '.2e'):>11} {_num(t.weight, '.2f'):>8} "
+            f"{t.name:<8} {_num(t.sq_norm, '.2e'):>16} {_num(t.sq_norm_naive, '.2e'):>11} "
+            f"{_num(t.sq_norm_last, '.2e'):>10} {_num(t.weight, '.2f'):>8} "
             f"{_num(t.reward_first, '.2f') + ' -> ' + _num(t.reward_final, '.2f'):>19} "
             f"{_num(t.gain_early, '+.2f'):>10} {_num(t.gain_late, '+.2f'):>9} "
             f"{_num(t.abs_advantage, '.2f'):>8} {_num(t.zero_variance, '.2f'):>15}"
@@ -166,7 +205,9 @@ def format_run(summary: RunSummary) -> str:
     lines.append(
         "rank correlation of |g|^2 with the next window's learning gain: "
         f"{_num(summary.gain_rank_correlation, '+.2f')}; "
-        f"with mean |A|: {_num(summary.advantage_rank_correlation, '+.2f')}"
+        f"with mean reward: {_num(summary.reward_rank_correlation, '+.2f')}; "
+        f"with mean |A|: {_num(summary.advantage_rank_correlation, '+.2f')}; "
+        f"with the last layer's |g|^2: {_num(summary.last_layer_rank_correlation, '+.2f')}"
     )
     return "\n".join(lines)
 

@@ -1,16 +1,22 @@
 """Synthetic tasks of ``balancer demo``: digit prompts, digit answers, verifiable rewards.
 
-Three tasks in the spirit of Wu et al.'s math mixture (an easy arithmetic task with long
-answers next to harder short ones), whose gradients differ in scale for reasons of the task
-itself:
+Two task sets. ``NATURE_TASKS`` (the default): every answer has 2 tokens, and the tasks differ
+by their nature, which is what Wu et al. (arXiv 2510.19178) found behind the gradient imbalance:
 
-- ``count``: count up from the prompt digit, ``d+1, d+2, …, d+8`` (mod 10). Long (8 tokens) and
-  easy: one rule, the same at every position.
-- ``mul``: ``(a·b) mod 10`` for two digits: a short, hard mapping (a 100-entry table), 1 token.
+- ``copy``: the two prompt digits in reverse order. Easy; partial credit per digit.
+- ``cmp``: two comparison bits ``[a > b, b > c]`` of three digits. A 2-letter answer alphabet
+  (0/1 out of the 10 digits the policy can say); partial credit per digit.
+- ``mul``: ``a·b`` as two digits (``07``, ``81``). Hard (a 100-entry table) and sparse: the
+  reward is 1 only if both digits are right, else 0.
+
+``LENGTH_TASKS`` (the earlier demo, ``--setting length``): answers of different lengths, which
+under a summed per-sequence loss make the gradient scale follow the answer length:
+
+- ``count``: count up from the prompt digit, ``d+1, …, d+8`` (mod 10). 8 tokens, easy.
+- ``mul1``: ``(a·b) mod 10``: 1 token, hard.
 - ``max``: the largest of three digits, 1 token.
 
-The reward of a response is the fraction of its answer tokens that are right (0 or 1 for the
-one-token tasks).
+Unless a task says otherwise, the reward is the fraction of its answer tokens that are right.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["DIGITS", "TASKS", "Task", "separator_token", "task_token", "vocab_size"]
+__all__ = ["DIGITS", "LENGTH_TASKS", "NATURE_TASKS", "TASK_SETS", "Task", "separator_token", "task_token", "vocab_size"]
 
 DIGITS = 10
 """Prompt and answer tokens are the digits 0..9; the policy's output vocabulary is the digits."""
@@ -38,10 +44,13 @@ class Task:
     """``draw(n, generator)`` -> ``[n, prompt_len]`` digit prompts."""
     solve: Callable[[Tensor], Tensor]
     """``solve(prompts)`` -> ``[n, answer_len]`` right answers."""
+    all_or_nothing: bool = False
+    """Reward 1 only when every answer token is right (else the fraction of right tokens)."""
 
     def reward(self, prompts: Tensor, responses: Tensor) -> Tensor:
-        """``[n]`` fraction of answer tokens that match the right answer."""
-        return (responses == self.solve(prompts)).to(torch.float32).mean(dim=1)
+        """``[n]`` rewards: the fraction of right answer tokens, or all-or-nothing."""
+        right = (responses == self.solve(prompts)).to(torch.float32)
+        return right.min(dim=1).values if self.all_or_nothing else right.mean(dim=1)
 
 
 def _digits(length: int) -> Callable[[int, torch.Generator], Tensor]:
@@ -59,16 +68,36 @@ def _mul(prompts: Tensor) -> Tensor:
     return (prompts[:, :1] * prompts[:, 1:2]) % DIGITS
 
 
+def _reverse(prompts: Tensor) -> Tensor:
+    return prompts.flip(dims=[1])
+
+
+def _compare(prompts: Tensor) -> Tensor:
+    return (prompts[:, :-1] > prompts[:, 1:]).to(torch.long)
+
+
+def _mul2(prompts: Tensor) -> Tensor:
+    product = prompts[:, :1] * prompts[:, 1:2]
+    return torch.cat([product // DIGITS, product % DIGITS], dim=1)
+
+
 def _max(prompts: Tensor) -> Tensor:
     return prompts.max(dim=1, keepdim=True).values
 
 
 COUNT_LEN = 8
-TASKS: tuple[Task, ...] = (
+LENGTH_TASKS: tuple[Task, ...] = (
     Task("count", prompt_len=1, answer_len=COUNT_LEN, draw=_digits(1), solve=_count),
-    Task("mul", prompt_len=2, answer_len=1, draw=_digits(2), solve=_mul),
+    Task("mul1", prompt_len=2, answer_len=1, draw=_digits(2), solve=_mul),
     Task("max", prompt_len=3, answer_len=1, draw=_digits(3), solve=_max),
 )
+NATURE_TASKS: tuple[Task, ...] = (
+    Task("copy", prompt_len=2, answer_len=2, draw=_digits(2), solve=_reverse),
+    Task("cmp", prompt_len=3, answer_len=2, draw=_digits(3), solve=_compare),
+    Task("mul", prompt_len=2, answer_len=2, draw=_digits(2), solve=_mul2, all_or_nothing=True),
+)
+TASK_SETS = {"nature": NATURE_TASKS, "length": LENGTH_TASKS}
+"""``--setting``: the task set of each setting."""
 
 
 def task_token(index: int) -> int:

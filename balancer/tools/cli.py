@@ -62,6 +62,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         quick=args.quick,
         loss_norm=args.loss_norm,
         threads=args.threads,
+        setting=args.setting,
     )
 
 
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "demo", help="multi-task GRPO: the per-task gradient imbalance of Wu et al., without and with balancing"
     )
-    d.add_argument("--steps", type=_positive_int, help="optimizer steps per run (default 1200; 24 with --quick)")
+    d.add_argument("--steps", type=_positive_int, help="optimizer steps per run (default 600; 24 with --quick)")
     d.add_argument("--seed", type=int, default=0, help="same seed, same metrics (default 0)")
     d.add_argument(
         "--plugins", default="task_norm", help="comma-separated plugins for the balanced run (default task_norm)"
@@ -106,10 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--quick", action="store_true", help="tiny batches and few steps: a smoke test")
     d.add_argument(
+        "--setting",
+        choices=("nature", "length"),
+        default="nature",
+        help="tasks that differ by nature, 2-token answers (default), or by answer length (8, 1, 1 tokens)",
+    )
+    d.add_argument(
         "--loss-norm",
         choices=("sequence", "token"),
-        default="sequence",
-        help="sum (sequence) or average (token) of each response's token losses (default sequence)",
+        default=None,
+        help="sum (sequence) or average (token) of each response's token losses "
+        "(default: token for --setting nature, sequence for --setting length)",
     )
     d.add_argument("--threads", type=_positive_int, default=1, help="torch threads while training (default 1)")
     d.set_defaults(func=_cmd_demo)

@@ -151,12 +151,12 @@ def draw_report(runs: dict[str, list[dict[str, Any]]], *, smooth: int | None = N
             ratio_ax.plot(steps, _imbalance(records, tasks, key, width), color=color, **_style(label, estimates))
     for col, task in enumerate(tasks):
         panels[0][col].set_title(task, fontsize=11)
-        panels[0][col].set_yscale("log")
+        _log_scale_if_positive(panels[0][col])
         for upper in panels[:-1]:
             upper[col].tick_params(labelbottom=False)
     for row, text in enumerate(titles):
         panels[row][0].set_ylabel(text, fontsize=9)
-    ratio_ax.set_yscale("log")
+    _log_scale_if_positive(ratio_ax)
     ratio_ax.set_ylabel(f"update imbalance\nmax/min ‖w_k g_k‖²\n({3 * width}-step averages)", fontsize=9)
     ratio_ax.set_xlabel("step")
     for ax in [*(ax for row in panels for ax in row), ratio_ax]:
@@ -165,6 +165,12 @@ def draw_report(runs: dict[str, list[dict[str, Any]]], *, smooth: int | None = N
     _legend(fig, runs, estimates)
     fig.suptitle(f"{title}moving averages over {width} steps", fontsize=10)
     return fig
+
+
+def _log_scale_if_positive(ax: Any) -> None:
+    """A log y-axis, unless no curve has a positive value (a task without gradient in a short run)."""
+    if any(np.any(np.isfinite(y) & (y > 0)) for y in (np.asarray(line.get_ydata(), float) for line in ax.get_lines())):
+        ax.set_yscale("log")
 
 
 def write_report(log: str | Path, out: str | Path, *, smooth: int | None = None, dpi: int = DPI) -> Path:

@@ -9,13 +9,13 @@ import math
 import pytest
 
 from balancer.demo.summary import spearman, summarize
-from balancer.demo.tasks import TASKS
+from balancer.demo.tasks import LENGTH_TASKS, NATURE_TASKS
 from balancer.recipes.split_half import half_groups
 from balancer.tools.cli import main
 from balancer.tools.metrics import read_metrics
 
 QUICK_STEPS = 24
-TASK_NAMES = [t.name for t in TASKS]
+TASK_NAMES = [t.name for t in NATURE_TASKS]
 
 
 def _demo(*args: str) -> tuple[int, str]:
@@ -52,6 +52,8 @@ def test_quick_demo_logs_both_runs_at_every_step(quick_demo):
             assert weights[0::2] == weights[1::2]  # both halves of a task get the task's weight
             if name == "baseline":
                 assert weights == [1.0] * len(groups)
+            assert all(math.isfinite(v) for v in r["extra"]["sq_norm_last"].values())
+            assert r["extra"]["prompts"] == dict.fromkeys(TASK_NAMES, 4.0)  # uniform sampling, --quick
     assert any(w != 1.0 for r in runs["task_norm"] for w in r["weights"])
 
 
@@ -122,3 +124,12 @@ def test_progress_goes_to_stderr_as_lines_when_it_is_not_a_terminal(tmp_path, ca
         "task_norm: step 1/2",
         "task_norm: step 2/2",
     ]
+
+
+def test_the_length_setting_trains_the_length_tasks_with_the_per_sequence_loss(tmp_path):
+    code, text = _demo("--quick", "--steps", "2", "--setting", "length", "--out", str(tmp_path))
+
+    assert code == 0
+    assert "count (8-token answer), mul1 (1-token answer), max (1-token answer) (setting 'length')" in text
+    assert "loss normalised per sequence" in text
+    assert read_metrics(tmp_path / "metrics.jsonl")["baseline"][0]["tasks"] == [t.name for t in LENGTH_TASKS]
