@@ -39,8 +39,9 @@ Zero-probability pairs: ``π_l = 0 < π_w`` gives the chosen factor ``C`` (rejec
 ``floor`` (default 0, the formula as stated) bounds the chosen factor from below. Without it,
 a pair the model ranks the wrong way (``π_w ≪ π_l``, common with summed log-probs of long
 sequences, which differ by tens of nats) loses its chosen pull-up entirely, exactly where it is
-needed; ``examples/dpo_imbalance.py`` shows runs destabilised by it. ``floor = 1/C`` or token-mean
-log-probs (``sequence_logprobs(..., reduction="mean")``, as AdaDPO reportedly uses) avoid that.
+needed; the autoregressive setting of ``examples/experiments/dpo_imbalance.py`` shows runs
+destabilised by it. ``floor = 1/C`` or token-mean log-probs
+(``sequence_logprobs(..., reduction="mean")``, as AdaDPO reportedly uses) avoid that.
 With ``"prob"`` the gradient is rescaled inside the backward pass, so ``last_stats.norms`` (and
 the ``chosen_norm``/``rejected_norm`` metrics) are those of the rescaled groups.
 
