@@ -17,6 +17,7 @@ from .dualproj import DualProj, DualProjOptions
 from .dwa import DWA, DWAOptions
 from .famo import FAMO, FAMOOptions
 from .gls import GLS, GLSOptions
+from .gradnorm import GradNorm, GradNormOptions
 from .gradvac import GradVac, GradVacOptions
 from .imtl_g import IMTLG, IMTLGOptions
 from .mgda import MGDA, MGDAOptions
@@ -43,6 +44,8 @@ __all__ = [
     "FAMOOptions",
     "GLS",
     "GLSOptions",
+    "GradNorm",
+    "GradNormOptions",
     "GradVac",
     "GradVacOptions",
     "IMTLG",
@@ -83,6 +86,7 @@ BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (
     NashMTL,
     Uncertainty,
     GLS,
+    GradNorm,
 )
 
 

@@ -30,6 +30,7 @@ PLUGINS = {cls.name: cls for cls in BUILTIN_PLUGINS}
 DOCUMENTED = {
     "task_norm", "balanced_dpo", "replay_bias", "pcgrad", "mgda", "upgrad", "imtl_g", "cagrad",
     "aligned_mtl", "nash_mtl", "gradvac", "dualproj", "famo", "dwa", "rlw", "uncertainty", "gls",
+    "gradnorm",
 }  # fmt: skip
 
 # The option sets each plugin's conformance runs with, as ``options`` or ``(options, check_plugin kwargs)``.
@@ -64,6 +65,7 @@ CONFORMANCE: dict[str, list[Any]] = {
     "dwa": [{}, {"temperature": 0.1}, {"beta": 0.9}],
     "uncertainty": [{}, {"optimizer": "sgd", "lr": 0.1}, {"init": 1.0, "lr": 0.01}],
     "gls": [{}],
+    "gradnorm": [{}, {"alpha": 0.0, "lr": 0.1}, {"parametrization": "direct", "optimizer": "sgd", "lr": 0.01}],
     "rlw": [{}, {"seed": 9}, {"std": 3.0}],
     "mgda": [{}, {"normalization": "l2"}, {"normalization": "loss+"}],
     "upgrad": [{}, {"reg_eps": 1e-4}],
@@ -89,6 +91,7 @@ BAD_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "dwa": [{"temperature": 0}, {"beta": 1.0}, {"beta": -0.5}, {"T": 2}],
     "uncertainty": [{"lr": -1e-3}, {"optimizer": "lbfgs"}, {"init": "x"}, {"log_var": 0.0}],
     "gls": [{"temperature": 1.0}],
+    "gradnorm": [{"alpha": -1.0}, {"lr": 0.0}, {"parametrization": "log"}, {"optimizer": "adamw"}],
     "rlw": [{"std": 0}, {"seed": 1.5}, {"dist": "Normal"}],
     "mgda": [{"normalization": "l1"}, {"epsilon": 1e-3}],
     "upgrad": [{"reg_eps": -1.0}, {"reg_eps": 2.0}, {"pref": 1}],
