@@ -20,6 +20,7 @@ from .gls import GLS, GLSOptions
 from .gradnorm import GradNorm, GradNormOptions
 from .gradvac import GradVac, GradVacOptions
 from .imtl_g import IMTLG, IMTLGOptions
+from .imtl_l import IMTL, IMTLL, IMTLLOptions, IMTLOptions
 from .mgda import MGDA, MGDAOptions
 from .nash_mtl import NashMTL, NashMTLOptions
 from .pcgrad import PCGrad, PCGradOptions
@@ -50,6 +51,10 @@ __all__ = [
     "GradVacOptions",
     "IMTLG",
     "IMTLGOptions",
+    "IMTL",
+    "IMTLL",
+    "IMTLLOptions",
+    "IMTLOptions",
     "MGDA",
     "MGDAOptions",
     "NashMTL",
@@ -87,6 +92,8 @@ BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (
     Uncertainty,
     GLS,
     GradNorm,
+    IMTLL,
+    IMTL,
 )
 
 

@@ -30,7 +30,7 @@ PLUGINS = {cls.name: cls for cls in BUILTIN_PLUGINS}
 DOCUMENTED = {
     "task_norm", "balanced_dpo", "replay_bias", "pcgrad", "mgda", "upgrad", "imtl_g", "cagrad",
     "aligned_mtl", "nash_mtl", "gradvac", "dualproj", "famo", "dwa", "rlw", "uncertainty", "gls",
-    "gradnorm",
+    "gradnorm", "imtl_l", "imtl",
 }  # fmt: skip
 
 # The option sets each plugin's conformance runs with, as ``options`` or ``(options, check_plugin kwargs)``.
@@ -65,6 +65,8 @@ CONFORMANCE: dict[str, list[Any]] = {
     "dwa": [{}, {"temperature": 0.1}, {"beta": 0.9}],
     "uncertainty": [{}, {"optimizer": "sgd", "lr": 0.1}, {"init": 1.0, "lr": 0.01}],
     "gls": [{}],
+    "imtl_l": [{}, {"lr": 0.1, "optimizer": "sgd"}],
+    "imtl": [{}, ({"lr": 0.05}, {"num_groups": (3, 8)})],
     "gradnorm": [{}, {"alpha": 0.0, "lr": 0.1}, {"parametrization": "direct", "optimizer": "sgd", "lr": 0.01}],
     "rlw": [{}, {"seed": 9}, {"std": 3.0}],
     "mgda": [{}, {"normalization": "l2"}, {"normalization": "loss+"}],
@@ -89,8 +91,10 @@ BAD_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "gradvac": [{"beta": 1.5}, {"beta": -0.1}, {"eps": 0.0}, {"eps": 0.5}, {"gamma": 1}],
     "famo": [{"lr": -1}, {"gamma": -0.1}, {"eps": 0}, {"optimizer": "lbfgs"}, {"beta": 1}],
     "dwa": [{"temperature": 0}, {"beta": 1.0}, {"beta": -0.5}, {"T": 2}],
-    "uncertainty": [{"lr": -1e-3}, {"optimizer": "lbfgs"}, {"init": "x"}, {"log_var": 0.0}],
+    "uncertainty": [{"lr": -1e-3}, {"optimizer": "lbfgs"}, {"init": "x"}, {"scalar": 0.0}],
     "gls": [{"temperature": 1.0}],
+    "imtl_l": [{"lr": -1.0}, {"optimizer": "rmsprop"}],
+    "imtl": [{"rtol": 0}, {"rtol": 0.1}, {"lr": -1.0}],
     "gradnorm": [{"alpha": -1.0}, {"lr": 0.0}, {"parametrization": "log"}, {"optimizer": "adamw"}],
     "rlw": [{"std": 0}, {"seed": 1.5}, {"dist": "Normal"}],
     "mgda": [{"normalization": "l1"}, {"epsilon": 1e-3}],

@@ -81,9 +81,9 @@ def test_equals_libmtl_uw_with_adam(libmtl) -> None:  # type: ignore[no-untyped-
 def test_missing_losses_keep_the_log_variance_and_names_follow() -> None:
     plugin = Uncertainty(lr=0.1, optimizer="sgd")
     _, state = plugin.update(_stats([1.0, 3.0], ("a", "b")), torch.ones(2, dtype=F64), plugin.init())
-    before = dict(zip(state["names"], state["log_var"].tolist(), strict=True))
+    before = dict(zip(state["names"], state["scalar"].tolist(), strict=True))
     w, state = plugin.update(_stats([float("nan"), 2.0], ("a", "b")), torch.ones(2, dtype=F64), state)
-    after = dict(zip(state["names"], state["log_var"].tolist(), strict=True))
+    after = dict(zip(state["names"], state["scalar"].tolist(), strict=True))
     assert after["a"] == before["a"] and after["b"] != before["b"]
     assert w[0].item() == pytest.approx(0.5 * torch.exp(torch.tensor(-before["a"])).item())
     # a new group starts at init; the order of the step's names does not matter
