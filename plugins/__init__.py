@@ -13,6 +13,7 @@ from balancer import Plugin, hookimpl
 from .aligned_mtl import AlignedMTL, AlignedMTLOptions
 from .balanced_dpo import BalancedDPO, BalancedDPOOptions
 from .cagrad import CAGrad, CAGradOptions
+from .config import ConFIG, ConFIGOptions
 from .dualproj import DualProj, DualProjOptions
 from .dwa import DWA, DWAOptions
 from .famo import FAMO, FAMOOptions
@@ -21,6 +22,7 @@ from .gradnorm import GradNorm, GradNormOptions
 from .gradvac import GradVac, GradVacOptions
 from .imtl_g import IMTLG, IMTLGOptions
 from .imtl_l import IMTL, IMTLL, IMTLLOptions, IMTLOptions
+from .krum import Krum, KrumOptions
 from .mgda import MGDA, MGDAOptions
 from .nash_mtl import NashMTL, NashMTLOptions
 from .pcgrad import PCGrad, PCGradOptions
@@ -37,6 +39,8 @@ __all__ = [
     "BalancedDPOOptions",
     "CAGrad",
     "CAGradOptions",
+    "ConFIG",
+    "ConFIGOptions",
     "DualProj",
     "DualProjOptions",
     "DWA",
@@ -55,6 +59,8 @@ __all__ = [
     "IMTLL",
     "IMTLLOptions",
     "IMTLOptions",
+    "Krum",
+    "KrumOptions",
     "MGDA",
     "MGDAOptions",
     "NashMTL",
@@ -94,6 +100,8 @@ BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (
     GradNorm,
     IMTLL,
     IMTL,
+    ConFIG,
+    Krum,
 )
 
 

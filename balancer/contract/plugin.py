@@ -164,6 +164,13 @@ class Plugin(abc.ABC, Generic[StateT]):
         return True
 
     @property
+    def min_groups(self) -> int:
+        """The fewest groups a step must have for :meth:`update` to be defined (1 for most plugins;
+        ``krum`` needs ``n_byzantine + 3``). :meth:`update` raises :class:`~balancer.errors.PluginError`
+        on fewer; :func:`~balancer.contract.testing.check_plugin` checks only sizes from here up."""
+        return 1
+
+    @property
     def needs_taps(self) -> bool:
         """Whether this plugin does nothing without ``opt.tap`` (the Balancer warns when a step saw no
         tapped gradient). Default: :attr:`uses_taps`; a tap plugin that only logs at taps says False."""

@@ -163,8 +163,9 @@ def _check_scales(plugin: Plugin, k: int, steps: int, seed: int, device: torch.d
     _update(plugin, GroupStats.from_gram(gram, base.names, losses=base.losses), plugin.init())
     if k == 1:
         return
-    single = random_stats(1, seed=seed, device=device)
-    _update(plugin, single, plugin.init())
+    if plugin.min_groups == 1:
+        single = random_stats(1, seed=seed, device=device)
+        _update(plugin, single, plugin.init())
     for gram in _adversarial_grams(k, seed):
         _update(plugin, GroupStats.from_gram(gram.to(device), base.names, losses=base.losses), plugin.init())
 
@@ -307,6 +308,11 @@ def check_plugin(
         )
         _check_taps(plugin, tap_events, steps)
     sizes = [num_groups] if isinstance(num_groups, int) else list(num_groups)
+    too_few = [k for k in sizes if k < plugin.min_groups]
+    assert not too_few, (
+        f"check_plugin was asked for {too_few} groups, but `{plugin.name}` needs at least min_groups = "
+        f"{plugin.min_groups}; pass num_groups from {plugin.min_groups} up."
+    )
     for k in sizes:
         _check_scales(plugin, k, steps, seed, device)
         _check_state(plugin, k, steps, seed, device)
