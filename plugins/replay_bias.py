@@ -12,7 +12,10 @@ cross-entropy gradient at the logits, ``p_i − onehot(y_i)``, accumulated over 
 * each row's loss term is weighted by ``2·σ(ANT_{y_i} − 1)``, in ``[0.54, 2]``: a class whose
   own rows pull its logit up harder than other rows push it down (ANT > 1) gets up to 2x, one
   pushed down more than pulled up (ANT < 1) less than 1. Which classes those are depends on the
-  objective: in ``examples/online_continual.py`` the newest task's classes have ANT > 1.
+  objective. Each row's logit gradient sums to zero, so over all classes the pull-ups and the
+  push-downs have the same total: ANT can only move mass between classes. In
+  ``examples/online_continual.py`` (MNIST-1D, GSA's recipe) it stays near 1 and the mean weights
+  within a few percent of 1 (docs/continual.md).
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ class ReplayBiasOptions(PluginOptions):
     include_current: bool = Field(
         True, description="Weights include this step's own rows (GSA, rank-local under data parallel)."
     )
-    task_start: Literal["new_class", "manual"] = Field(
-        "new_class", description="A never-seen label starts a task, or only ReplayBias.start_task(opt) does."
+    task_start: Literal["manual", "new_class"] = Field(
+        "manual",
+        description="ReplayBias.start_task(opt) starts a task (GSA: known boundaries), or also a never-seen label.",
     )
 
     @model_validator(mode="after")
@@ -144,14 +148,16 @@ class ReplayBias(TapPlugin[ReplayBiasState, ReplayBiasTapStats]):
     must be ``[rows, classes]``: flatten sequence dimensions first. A row is counted once per
     backward pass through the tap.
 
-    **Task starts** (``task_start``): by default a label never counted before starts a task,
-    which is how a class-incremental stream announces one; the warm-up (``warmup`` steps with
-    weight 1) then covers that step and the following ones, like GSA's first 5 batches per
-    task. The step that brings the new class uses the detection on its local rows (under data
-    parallel, a rank that has no new-class row in that step does not know yet); from the next
-    step on every rank agrees. For domain-incremental streams (no new classes) use
-    ``task_start="manual"`` and call :meth:`start_task` on every rank before the task's first
-    forward pass; it works in either mode.
+    **Task starts** (``task_start``): GSA knows its task boundaries and gives weight 1 for the
+    first ``warmup`` (5) batches of each task. By default (``"manual"``) the plugin does the same:
+    call :meth:`start_task` on every rank before the forward pass of each task's first step (the
+    first task's warm-up starts at ``init``); without these calls only the stream's first
+    ``warmup`` steps are warm. Where boundaries are not announced, ``task_start="new_class"``
+    also starts a task at a label never counted before: the warm-up then restarts at every
+    class's first row, so a class whose first row comes a few batches into its task gives that
+    task more than ``warmup`` warm steps (7 instead of 5 in one check). The step that brings the
+    new class uses the detection on its local rows (under data parallel, a rank that has no
+    new-class row in that step does not know yet); from the next step on every rank agrees.
 
     **Which rows are reweighted** (``groups``): by default every tapped row, as GSA weights its
     whole class-balanced batch ``L_bal`` (replay and current-task rows alike): the weight is a

@@ -20,9 +20,13 @@ INF = float("inf")
 class Reference:
     """GSA's statistics with Python floats and loops, straight from the formulas."""
 
-    def __init__(self, warmup=5, scale=2.0, centre=1.0, decay=1.0):
+    def __init__(self, warmup=5, scale=2.0, centre=1.0, decay=1.0, task_start="manual"):
         self.n, self.p, self.q = {}, {}, {}
         self.warmup, self.scale, self.centre, self.decay = warmup, scale, centre, decay
+        self.new_class_starts = task_start == "new_class"  # else only start_task() starts a task
+        self.task_steps = 0
+
+    def start_task(self):
         self.task_steps = 0
 
     def batch_sums(self, logits, labels):
@@ -39,7 +43,7 @@ class Reference:
 
     def weights(self, logits, labels, include_current=True):
         n, p, q = self.batch_sums(logits, labels)
-        new = any(n[c] > 0 and self.n.get(c, 0.0) == 0 for c in n)
+        new = self.new_class_starts and any(n[c] > 0 and self.n.get(c, 0.0) == 0 for c in n)
         if self.task_steps < self.warmup or (new and self.warmup > 0):
             return [1.0] * len(labels)
         out = []
@@ -57,7 +61,7 @@ class Reference:
 
     def step(self, logits, labels):
         n, p, q = self.batch_sums(logits, labels)
-        new = any(n[c] > 0 and self.n.get(c, 0.0) == 0 for c in n)
+        new = self.new_class_starts and any(n[c] > 0 and self.n.get(c, 0.0) == 0 for c in n)
         for c in n:
             self.n[c] = self.decay * self.n.get(c, 0.0) + n[c]
             self.p[c] = self.decay * self.p.get(c, 0.0) + p[c]
@@ -90,11 +94,23 @@ def _stream(seed, steps, classes=5, rows=7):
         yield logits, labels
 
 
-@pytest.mark.parametrize("options", [{"warmup": 0}, {"warmup": 2}, {"include_current": False, "warmup": 1}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"warmup": 0},
+        {"warmup": 2},
+        {"warmup": 2, "task_start": "new_class"},
+        {"include_current": False, "warmup": 1},
+        {"include_current": False, "warmup": 1, "task_start": "new_class"},
+    ],
+)
 def test_sums_weights_and_gradients_match_float64_reference(options):
     opt = _leaf_opt([("replay_bias", options)])
-    ref = Reference(warmup=options["warmup"])
-    for logits, labels in _stream(0, 8):
+    ref = Reference(warmup=options["warmup"], task_start=options.get("task_start", "manual"))
+    for t, (logits, labels) in enumerate(_stream(0, 8)):
+        if t == 5:  # a task boundary announced mid-stream
+            ReplayBias.start_task(opt)
+            ref.start_task()
         w = ref.weights(logits.tolist(), labels.tolist(), options.get("include_current", True))
         grad = _tap_step(opt, logits, labels)
         expected = torch.tensor(w, dtype=torch.float64)[:, None] * (logits.softmax(1) - F.one_hot(labels, 5))
@@ -147,7 +163,7 @@ def test_only_the_chosen_groups_are_reweighted_and_counted():
 
 
 def test_new_classes_mid_stream_grow_the_state_and_restart_the_warmup():
-    opt = _leaf_opt([("replay_bias", {"warmup": 2})])
+    opt = _leaf_opt([("replay_bias", {"warmup": 2, "task_start": "new_class"})])
     gen = torch.Generator().manual_seed(5)
     for t in range(7):
         classes = 2 if t < 4 else 4  # a growing head: the tapped logits widen at step 4
@@ -164,8 +180,33 @@ def test_new_classes_mid_stream_grow_the_state_and_restart_the_warmup():
     assert opt.plugin_states["replay_bias"]["seen"].tolist() == [1.0] * 4
 
 
+def test_warm_steps_per_task_follow_the_paper_by_default_and_each_new_class_with_new_class():
+    """GSA: weight 1 for the first 5 batches of each task. A task whose second class first shows
+    up in its third batch: 5 warm steps by default (boundaries announced), 7 with ``new_class``."""
+
+    def warm_steps(options, announce):
+        opt = _leaf_opt([("replay_bias", options)])
+        gen = torch.Generator().manual_seed(7)
+        warm = [0, 0, 0]
+        for task in range(3):
+            if announce:
+                ReplayBias.start_task(opt)
+            for batch in range(10):
+                head = 2 * (task + 1)  # the growing head: the classes of the tasks so far
+                logits = torch.randn(6, head, generator=gen, dtype=torch.float64)
+                labels = torch.full((6,), 2 * task) if batch < 2 else 2 * task + torch.arange(6) % 2
+                grad = _tap_step(opt, logits, labels)
+                warm[task] += torch.allclose(grad, logits.softmax(1) - F.one_hot(labels, head), rtol=0, atol=1e-15)
+        return warm
+
+    assert warm_steps({"warmup": 5}, announce=True) == [5, 5, 5]
+    assert warm_steps({"warmup": 5}, announce=False) == [5, 0, 0]  # no announced boundary: only the start
+    assert warm_steps({"warmup": 5, "task_start": "new_class"}, announce=False) == [7, 7, 7]
+    assert warm_steps({"warmup": 5, "task_start": "new_class"}, announce=True) == [7, 7, 7]
+
+
 def test_manual_task_start():
-    opt = _leaf_opt([("replay_bias", {"warmup": 1, "task_start": "manual"})])
+    opt = _leaf_opt([("replay_bias", {"warmup": 1})])  # the default, task_start="manual"
     stream = list(_stream(2, 6, classes=4))
     grads = []
     for t, (logits, labels) in enumerate(stream):
@@ -326,7 +367,10 @@ def test_a_row_without_finite_softmax_does_not_poison_the_sums():
     ("options", "message"),
     [
         ({"count_groups": []}, r"count_groups=\(\) counts no row.*Use None"),
-        ({"warmup": 0, "task_start": "manual"}, r"task_start='manual' would be ignored with warmup=0.*warmup > 0"),
+        (
+            {"warmup": 0, "task_start": "new_class"},
+            r"task_start='new_class' would be ignored with warmup=0.*warmup > 0",
+        ),
         ({"groups": [], "include_current": False}, r"include_current=False would be ignored with groups=\(\)"),
     ],
 )

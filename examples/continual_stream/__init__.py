@@ -1,0 +1,1 @@
+"""The streams, methods and metrics of ``examples/online_continual.py`` (GSA's recipe, online)."""
