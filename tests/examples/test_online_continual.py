@@ -14,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
 
+from continual_stream import streams  # noqa: E402
 from continual_stream.methods import train_step  # noqa: E402
 from continual_stream.streams import augment, two_views  # noqa: E402
 
@@ -113,3 +114,18 @@ def test_quick_run_writes_results_and_plot(tmp_path):
     # a rerun finds every run in runs.jsonl and trains nothing
     again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "seed 0" not in again.stdout and "6 runs" in again.stdout
+
+
+def test_mnist1d_stream_is_generated_offline_with_the_requested_size():
+    """The main setting's data: mnist1d's own generator (no download), 80/20 split, 10 balanced classes,
+    40 features; a linear model is far from solving it (the regime the experiment needs)."""
+    pytest.importorskip("mnist1d")
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+
+    arrays = streams.mnist1d_arrays(2000)
+    assert arrays["x"].shape == (1600, 40) and arrays["x_test"].shape == (400, 40)
+    counts = np.bincount(arrays["y"], minlength=10)
+    assert counts.min() >= 120 and counts.max() <= 200  # about balanced over the 10 digits
+    linear = LogisticRegression(max_iter=500).fit(arrays["x"], arrays["y"])
+    assert linear.score(arrays["x_test"], arrays["y_test"]) < 0.5  # MNIST-1D's point: not linearly separable
