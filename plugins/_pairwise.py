@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["to_gradient_weights", "unit_cosines"]
+__all__ = ["pinv_ones", "to_gradient_weights", "unit_cosines"]
 
 
 def unit_cosines(gram: Tensor) -> tuple[Tensor, Tensor]:
@@ -35,3 +35,13 @@ def to_gradient_weights(coefficients: Tensor, norms: Tensor) -> Tensor:
     """
     added = norms @ coefficients.clone().fill_diagonal_(0.0)  # Σ_{i≠j} ‖g_i‖ c_ij
     return coefficients.diagonal() + torch.where(norms > 0, added / norms, 0.0)
+
+
+def pinv_ones(cosines: Tensor, nonzero: Tensor, rtol: float) -> Tensor:
+    """``C⁺ 1_nonzero`` for a cosine matrix ``C`` (``imtl_g``, ``config``): the pseudo-inverse from
+    ``torch.linalg.eigh``, eigenvalues at or below ``rtol · k · λ_max`` counted as zero (dependent
+    groups). On CUDA ``eigh`` reads its own error code on the host."""
+    eigenvalues, vectors = torch.linalg.eigh(cosines)
+    kept = eigenvalues > rtol * cosines.shape[0] * eigenvalues.max().clamp_min(0.0)
+    inverse = torch.where(kept, 1.0 / torch.where(kept, eigenvalues, 1.0), 0.0)
+    return vectors @ (inverse * (vectors.T @ nonzero.to(cosines.dtype)))

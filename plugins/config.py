@@ -9,7 +9,7 @@ from torch import Tensor
 from balancer import GroupStats, PluginOptions, State
 from balancer.contract.weighting import GramWeighting
 
-from ._pairwise import unit_cosines
+from ._pairwise import pinv_ones, unit_cosines
 
 __all__ = ["ConFIG", "ConFIGOptions"]
 
@@ -61,10 +61,7 @@ class ConFIG(GramWeighting[State]):
     def weigh(self, stats: GroupStats, state: State) -> tuple[Tensor, State]:
         cosines, norms = unit_cosines(stats.gram)
         nonzero = norms > 0
-        eigenvalues, vectors = torch.linalg.eigh(cosines)
-        kept = eigenvalues > self.options.rtol * stats.num_groups * eigenvalues.max().clamp_min(0.0)
-        inverse = torch.where(kept, 1.0 / torch.where(kept, eigenvalues, 1.0), 0.0)
-        c = vectors @ (inverse * (vectors.T @ nonzero.to(cosines.dtype)))  # C⁺ 1 over the nonzero gradients
+        c = pinv_ones(cosines, nonzero, self.options.rtol)  # C⁺ 1 over the nonzero gradients
         per_gradient = torch.where(nonzero, c / torch.where(nonzero, norms, 1.0), 0.0)  # b = Σ_i (c_i/‖g_i‖) g_i
         b_squared = c @ cosines @ c
         projections = (stats.gram @ per_gradient).sum()  # Σ_j g_jᵀ b

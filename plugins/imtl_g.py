@@ -9,7 +9,7 @@ from torch import Tensor
 from balancer import GroupStats, PluginOptions, State
 from balancer.contract.weighting import GramWeighting
 
-from ._pairwise import unit_cosines
+from ._pairwise import pinv_ones, unit_cosines
 
 __all__ = ["IMTLG", "IMTLGOptions"]
 
@@ -63,12 +63,7 @@ class IMTLG(GramWeighting[State]):
     def weigh(self, stats: GroupStats, state: State) -> tuple[Tensor, State]:
         cosines, norms = unit_cosines(stats.gram)
         nonzero = norms > 0
-        eigenvalues, vectors = torch.linalg.eigh(cosines)
-        threshold = self.options.rtol * stats.num_groups * eigenvalues.max().clamp_min(0.0)
-        kept = eigenvalues > threshold
-        inverse = torch.where(kept, 1.0 / torch.where(kept, eigenvalues, 1.0), 0.0)
-        ones = nonzero.to(cosines.dtype)
-        solution = vectors @ (inverse * (vectors.T @ ones))  # C⁺ 1
+        solution = pinv_ones(cosines, nonzero, self.options.rtol)  # C⁺ 1
         raw = torch.where(nonzero, solution / torch.where(nonzero, norms, 1.0), 0.0)
         total = raw.sum()
         scale = raw.abs().sum()
