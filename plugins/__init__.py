@@ -16,6 +16,7 @@ from .cagrad import CAGrad, CAGradOptions
 from .config import ConFIG, ConFIGOptions
 from .dualproj import DualProj, DualProjOptions
 from .dwa import DWA, DWAOptions
+from .fairgrad import FairGrad, FairGradOptions
 from .famo import FAMO, FAMOOptions
 from .gls import GLS, GLSOptions
 from .gradnorm import GradNorm, GradNormOptions
@@ -47,6 +48,8 @@ __all__ = [
     "DWAOptions",
     "FAMO",
     "FAMOOptions",
+    "FairGrad",
+    "FairGradOptions",
     "GLS",
     "GLSOptions",
     "GradNorm",
@@ -102,6 +105,7 @@ BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (
     IMTL,
     ConFIG,
     Krum,
+    FairGrad,
 )
 
 

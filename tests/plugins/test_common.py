@@ -31,6 +31,7 @@ DOCUMENTED = {
     "task_norm", "balanced_dpo", "replay_bias", "pcgrad", "mgda", "upgrad", "imtl_g", "cagrad",
     "aligned_mtl", "nash_mtl", "gradvac", "dualproj", "famo", "dwa", "rlw", "uncertainty", "gls",
     "gradnorm", "imtl_l", "imtl", "config", "krum",
+    "fairgrad",
 }  # fmt: skip
 
 # The option sets each plugin's conformance runs with, as ``options`` or ``(options, check_plugin kwargs)``.
@@ -65,6 +66,7 @@ CONFORMANCE: dict[str, list[Any]] = {
     "dwa": [{}, {"temperature": 0.1}, {"beta": 0.9}],
     "uncertainty": [{}, {"optimizer": "sgd", "lr": 0.1}, {"init": 1.0, "lr": 0.01}],
     "gls": [{}],
+    "fairgrad": [{}, {"alpha": 0.0}, {"alpha": 0.5}, {"alpha": 3.0, "iterations": 20}],
     "config": [{}, ({"rtol": 1e-8}, {"num_groups": (3, 8)})],
     # krum at k = 3 (one neighbour) always ties the closest pair; from k = 5 on ties are measure-zero
     "krum": [({}, {"num_groups": (5, 8)}), ({"n_byzantine": 1, "n_selected": 2}, {"num_groups": (5, 7)})],
@@ -96,6 +98,7 @@ BAD_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "dwa": [{"temperature": 0}, {"beta": 1.0}, {"beta": -0.5}, {"T": 2}],
     "uncertainty": [{"lr": -1e-3}, {"optimizer": "lbfgs"}, {"init": "x"}, {"scalar": 0.0}],
     "gls": [{"temperature": 1.0}],
+    "fairgrad": [{"alpha": -1.0}, {"iterations": 0}, {"max_iters": 10}],
     "config": [{"rtol": 0}, {"rtol": 0.1}, {"pref_vector": [1, 2]}],
     "krum": [{"n_byzantine": -1}, {"n_selected": 0}, {"f": 1}],
     "imtl_l": [{"lr": -1.0}, {"optimizer": "rmsprop"}],
