@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -79,7 +81,12 @@ class IMTL(IMTLL):
     Options = IMTLOptions
     options: IMTLOptions
 
+    @functools.cached_property
+    def _gradient_half(self) -> IMTLG:
+        """IMTL-G with this plugin's ``rtol``, built once (not validated again at every step)."""
+        return IMTLG(rtol=self.options.rtol)
+
     def update(self, stats: GroupStats, weights: Tensor, state: LossScaleState) -> tuple[Tensor, LossScaleState]:
         scaled, new_state = super().update(stats, weights, state)
-        balanced, _ = IMTLG(rtol=self.options.rtol).update(stats, scaled, {})
+        balanced, _ = self._gradient_half.update(stats, scaled, {})
         return balanced, new_state
