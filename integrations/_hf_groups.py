@@ -27,6 +27,7 @@ __all__ = [
     "group_name",
     "label_count",
     "ranks_group_order",
+    "several_ranks",
     "split_by_group",
 ]
 
@@ -129,14 +130,25 @@ def label_count(inputs: Mapping[str, Any], shifted: bool) -> Tensor | int:
     raise GroupingError("Cannot count the examples of a batch that holds no tensor; override `group_losses`.")
 
 
-def ranks_group_order(present: list[str]) -> list[str]:
-    """The groups every data-parallel rank runs in this micro-batch: those present on any rank, in
-    order of first appearance over the ranks (rank 0 first). One ``all_gather_object`` of the
-    names. Backends whose group backward is a collective (DeepSpeed's reduction at each group
-    boundary) need all ranks to run the same groups in the same order; a rank without examples of
-    a group runs it with a zero loss."""
+def several_ranks() -> bool:
+    """Whether this process is one of several data-parallel ranks (a process group of size > 1)."""
     import torch.distributed as dist
 
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def ranks_group_order(present: list[str]) -> list[str]:
+    """The groups every data-parallel rank runs in this micro-batch: those present on any rank, in
+    order of first appearance over the ranks (rank 0 first); ``present`` itself with one process.
+    One ``all_gather_object`` of the names. Every multi-rank setting needs all ranks to run the same
+    groups in the same order: the Balancer checks that the ranks captured the same groups
+    (DDP, FSDP), DeepSpeed reduces at each group boundary, and a forward may itself be a collective
+    (DDP's buffer broadcast, FSDP's parameter gathers). A rank without examples of a group runs
+    it with a zero loss."""
+    import torch.distributed as dist
+
+    if not several_ranks():
+        return list(present)
     gathered: list[list[str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, present)
     return list(dict.fromkeys(name for names in gathered for name in names or []))

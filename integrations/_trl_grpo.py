@@ -261,7 +261,7 @@ class BalancedGRPOTrainer(BalancerTrainerMixin, GRPOTrainer):
         del inputs
         at, policy, ungrouped = split_gradient(loss, policy_loss, stand_in.pairs)
         if self.accelerator.num_processes > 1:
-            at, policy, names = agree_on_groups(at, policy, names)
+            at, policy, names = agree_on_groups(at, policy, names, also=self.groups_to_join())
         surrogate = (policy * at).sum()
         self.backward_rows(surrogate if ungrouped is None else surrogate + ungrouped, at=at, group=names)
         return loss.detach()

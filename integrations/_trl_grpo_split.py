@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -157,11 +157,14 @@ def _only_leaves(loss: Tensor, leaves: list[Tensor]) -> None:
         )
 
 
-def agree_on_groups(at: Tensor, policy: Tensor, names: list[str]) -> tuple[Tensor, Tensor, list[str]]:
+def agree_on_groups(
+    at: Tensor, policy: Tensor, names: list[str], also: Sequence[str] = ()
+) -> tuple[Tensor, Tensor, list[str]]:
     """Under DDP every rank must capture the same groups in the same order: the groups present on any rank,
-    sorted. A group this rank has no completion of gets a row carrying a zero gradient (``at``'s first row
-    times 0), so its pass adds zeros here and the rank joins the group's all-reduce."""
-    union = sorted(names_on_all_ranks(names))
+    and ``also`` (groups an earlier micro-batch of the step captured, which must join the synchronised
+    backward), sorted. A group this rank has no completion of gets a row carrying a zero gradient (``at``'s
+    first row times 0), so its pass adds zeros here and the rank joins the group's all-reduce."""
+    union = sorted(names_on_all_ranks([*names, *also]))
     present = set(names)
     every = names + [n for n in union if n not in present]  # one zero row per missing group, at the end
     order = sorted(range(len(every)), key=lambda i: union.index(every[i]))

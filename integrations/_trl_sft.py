@@ -27,15 +27,21 @@ per-group forwards cannot reproduce it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ._hf_groups import GROUP_KEY, GroupingError, TrainerSetupError, label_count, ranks_group_order, split_by_group
-from .transformers import BalancerTrainerMixin
+from ._hf_groups import (
+    GROUP_KEY,
+    GroupingError,
+    TrainerSetupError,
+    label_count,
+    several_ranks,
+    split_by_group,
+)
+from .transformers import BalancerTrainerMixin, GroupLosses
 
 try:
     from trl import SFTTrainer
@@ -187,15 +193,21 @@ class BalancedSFTTrainer(BalancerTrainerMixin, SFTTrainer):
 
     def group_losses(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
-    ) -> dict[str, Tensor]:
-        """One ``SFTTrainer.compute_loss`` per group of the micro-batch, ``{group: loss}``, adding up to the
-        batch loss; the micro-batch's metrics are recorded once (see :class:`_MicroBatchMetrics`).
+    ) -> GroupLosses:
+        """One ``SFTTrainer.compute_loss`` per group of the micro-batch, yielded as ``(group, loss)`` pairs
+        adding up to the batch loss (each group's backward runs before the next group's forward); the
+        micro-batch's metrics are recorded once (see :class:`_MicroBatchMetrics`).
 
         With ``num_items_in_batch`` every group's loss is divided by it (as ``SFTTrainer`` divides the
         batch's); without it each group's token-mean loss is weighted by its share of the label tokens.
         With several ranks, each runs the groups present on any rank in one order; a group a rank has
         no rows of gets a zero loss through the model there (a forward of another group, times 0).
         """
+        return self._split_by_group(model, inputs, num_items_in_batch)
+
+    def _split_by_group(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None
+    ) -> Iterator[tuple[str, Tensor]]:
         if GROUP_KEY not in inputs:
             raise GroupingError(
                 "The batch carries no group names: set group_by='<column>' on the trainer, or override group_losses."
@@ -203,25 +215,22 @@ class BalancedSFTTrainer(BalancerTrainerMixin, SFTTrainer):
         inputs = dict(inputs)
         names = list(inputs.pop(GROUP_KEY))
         parts = split_by_group(inputs, names)
-        several = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        order = ranks_group_order(list(parts)) if several else list(parts)
+        order = self.ranks_group_order(list(parts))
         total = None if num_items_in_batch is not None else label_count(inputs, shifted=True)
 
         def loss_of(part: dict[str, Any]) -> Tensor:
             return self.compute_loss(model, dict(part), num_items_in_batch=num_items_in_batch)
 
-        losses: dict[str, Tensor] = {}
         with _MicroBatchMetrics(self) as metrics:
             for name in order:
                 part = parts.get(name)
                 if part is None:
-                    losses[name] = metrics.discard(loss_of, next(iter(parts.values()))) * 0.0
+                    yield name, metrics.discard(loss_of, next(iter(parts.values()))) * 0.0
                     continue
                 loss = metrics.measure(loss_of, part)
                 if total is not None:
                     count = label_count(part, shifted=True)
-                    if int(count) == 0 and not several:
+                    if int(count) == 0 and not several_ranks():
                         continue  # adds nothing to a token mean
                     loss = loss * (count / torch.as_tensor(total).clamp(min=1))
-                losses[name] = loss
-        return losses
+                yield name, loss

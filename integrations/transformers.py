@@ -28,7 +28,8 @@ With no plugin the run equals ``Trainer``'s on the same data, to float rounding.
 from __future__ import annotations
 
 import contextlib
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor
@@ -44,6 +45,7 @@ from ._hf_groups import (
     group_name,
     label_count,
     ranks_group_order,
+    several_ranks,
     split_by_group,
 )
 from ._hf_sampler import StratifiedGroupSampler
@@ -61,6 +63,22 @@ __all__ = ["BalancedTrainer", "BalancerTrainerMixin", "GroupingError", "TrainerS
 
 # Optimizers that step inside the backward pass (or per layer): no step is left for a Balancer to weigh.
 _FUSED_OPTIMIZERS = ("lomo", "layerwise")
+
+#: What ``group_losses`` returns: ``{group: loss}``, or ``(group, loss)`` pairs taken one at a time.
+GroupLosses: TypeAlias = Mapping[str, Tensor] | Iterator[tuple[str, Tensor]]
+
+
+def _each_in_context(
+    pairs: Iterator[tuple[str, Tensor]], context: Callable[[], contextlib.AbstractContextManager[Any]]
+) -> Iterator[tuple[str, Tensor]]:
+    """The pairs, each produced (its group's forward) inside a fresh ``context()`` (Trainer's autocast);
+    the backward of one pair runs outside it, before the next pair's forward."""
+    while True:
+        with context():
+            pair = next(pairs, None)
+        if pair is None:
+            return
+        yield pair
 
 
 class BalancerTrainerMixin:
@@ -115,6 +133,7 @@ class BalancerTrainerMixin:
         self.stratify = stratify
         self._balancer_logged_step = -1
         self._balancer_optimizer_given = given is not None
+        self._groups_this_step: list[str] = []  # captured by the earlier micro-batches of this optimizer step
         super().__init__(*args, **kwargs)
         self._check_balancer_setup()
 
@@ -246,21 +265,34 @@ class BalancerTrainerMixin:
 
     def group_losses(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
-    ) -> dict[str, Tensor]:
-        """The loss of each group in this micro-batch, ``{group: loss}``, whose sum is the batch loss
-        that ``Trainer.compute_loss`` would return. Override it to compute the groups another way.
+    ) -> GroupLosses:
+        """The loss of each group in this micro-batch, whose sum is the batch loss that
+        ``Trainer.compute_loss`` would return: a mapping ``{group: loss}``, or ``(group, loss)`` pairs
+        yielded one at a time. Override it to compute the groups another way.
 
-        The default splits the batch by the ``group_by`` column and runs ``compute_loss`` on each part.
-        When the loss is normalised by ``num_items_in_batch`` (causal LMs in ``Trainer``), each part
-        gets the same ``num_items_in_batch`` and the parts add up; when it is a mean over the part,
-        each part's loss is weighted by its share of the label tokens (counted as ``Trainer`` counts
-        them), or of the examples when the batch has no labels. A part with no label token adds
-        nothing to a mean and is left out.
+        Pairs are taken one by one: each group's backward runs before the next group's forward, so
+        only one group's graph is alive at a time, and under DDP every backward follows its own
+        forward (DDP synchronises only the first backward after a forward: losses from forwards run
+        beforehand are refused there by the Balancer's rank check). A mapping's losses may share one
+        graph (``retain_graph`` is handled); use it where DDP is not involved.
 
-        Under ``deepspeed=`` with several ranks, every rank runs the groups present on any rank, in
+        The default yields pairs: it splits the batch by the ``group_by`` column and runs
+        ``compute_loss`` on each part. When the loss is normalised by ``num_items_in_batch`` (causal
+        LMs in ``Trainer``), each part gets the same ``num_items_in_batch`` and the parts add up; when
+        it is a mean over the part, each part's loss is weighted by its share of the label tokens
+        (counted as ``Trainer`` counts them), or of the examples when the batch has no labels. A part
+        with no label token adds nothing to a mean and is left out.
+
+        With several ranks (DDP, FSDP, DeepSpeed), every rank runs the groups present on any rank, in
         one order (:func:`~balancer.integrations._hf_groups.ranks_group_order`); a group a rank has
         no example (or label token) of gets a zero loss there (a forward of another part, times 0).
         """
+        return self._split_by_group(model, inputs, num_items_in_batch)
+
+    def _split_by_group(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None
+    ) -> Iterator[tuple[str, Tensor]]:
+        """The default :meth:`group_losses`: one ``compute_loss`` per group part, yielded one at a time."""
         trainer: Any = self
         if GROUP_KEY not in inputs:
             raise GroupingError(
@@ -269,8 +301,7 @@ class BalancerTrainerMixin:
         inputs = dict(inputs)
         names = list(inputs.pop(GROUP_KEY))
         parts = split_by_group(inputs, names)
-        agree = self._on_deepspeed and trainer.args.world_size > 1
-        order = ranks_group_order(list(parts)) if agree else list(parts)
+        order = self.ranks_group_order(list(parts))
 
         def loss_of(part: dict[str, Any]) -> Tensor:
             return trainer.compute_loss(model, part, num_items_in_batch=num_items_in_batch)
@@ -278,21 +309,35 @@ class BalancerTrainerMixin:
         def absent() -> Tensor:  # this rank's share of a group it has nothing of: zero, through the model
             return loss_of(next(iter(parts.values()))) * 0.0
 
-        if num_items_in_batch is not None and self._loss_is_scaled_for_ga(num_items_in_batch):
-            return {name: loss_of(parts[name]) if name in parts else absent() for name in order}
-        if len(order) == 1:
-            return {order[0]: loss_of(parts[order[0]])}
+        if (num_items_in_batch is not None and self._loss_is_scaled_for_ga(num_items_in_batch)) or len(order) == 1:
+            for name in order:
+                yield name, loss_of(parts[name]) if name in parts else absent()
+            return
         shifted = bool(getattr(trainer, "_loss_shifts_labels", False))
         total = label_count(inputs, shifted)
-        losses = {}
         for name in order:
             count = label_count(parts[name], shifted) if name in parts else 0
             if int(count) == 0:
-                if agree:
-                    losses[name] = absent()
+                if several_ranks():
+                    yield name, absent()
                 continue
-            losses[name] = loss_of(parts[name]) * (count / total)
-        return losses
+            yield name, loss_of(parts[name]) * (count / total)
+
+    def ranks_group_order(self, present: list[str]) -> list[str]:
+        """The groups this rank runs in this micro-batch: with several ranks, those present on any rank
+        (:func:`~balancer.integrations._hf_groups.ranks_group_order`), including :meth:`groups_to_join`."""
+        return ranks_group_order(present + [name for name in self.groups_to_join() if name not in present])
+
+    def groups_to_join(self) -> list[str]:
+        """In the micro-batch that synchronises the gradients, with several ranks: the groups an earlier
+        micro-batch of this optimizer step captured on this rank. DDP reduces a group's gradient only
+        in a synchronised backward of that group, so each of them runs here too, with a zero loss
+        where this micro-batch has no row of it. Empty otherwise."""
+        trainer: Any = self
+        return list(self._groups_this_step) if several_ranks() and trainer.accelerator.sync_gradients else []
+
+    def _note_captured(self, names: Iterable[str]) -> None:
+        self._groups_this_step.extend(name for name in dict.fromkeys(names) if name not in self._groups_this_step)
 
     def training_step(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
@@ -308,7 +353,10 @@ class BalancerTrainerMixin:
             if callable(getattr(trainer.optimizer, "train", None)):
                 trainer.optimizer.train()
             inputs = trainer._prepare_inputs(inputs)
-            return self.balanced_backward(model, inputs, num_items_in_batch)
+            loss = self.balanced_backward(model, inputs, num_items_in_batch)
+        if trainer.accelerator.sync_gradients:
+            self._groups_this_step = []
+        return loss
 
     def scale_like_trainer(self, loss: Tensor, num_items_in_batch: Tensor | int | None) -> Tensor:
         """``loss`` scaled as ``Trainer.training_step`` scales its one loss before backward: the mean
@@ -331,6 +379,7 @@ class BalancerTrainerMixin:
         if accelerator.scaler is not None:
             loss = accelerator.scaler.scale(loss)
         self.balancer.backward_rows(loss, at=at, group=group)
+        self._note_captured(group)
 
     def balanced_backward(
         self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Tensor | int | None = None
@@ -343,20 +392,24 @@ class BalancerTrainerMixin:
         chosen and rejected, GRPO's tasks) override it with :meth:`backward_rows`.
         """
         trainer: Any = self
-        with trainer.compute_loss_context_manager():
+        with trainer.compute_loss_context_manager():  # a mapping's forwards run here; pairs run one by one below
             losses = self.group_losses(model, inputs, num_items_in_batch=num_items_in_batch)
         del inputs
-        if not losses:
-            raise GroupingError("group_losses returned no loss for this batch; return {group: loss}.")
+        if isinstance(losses, Mapping):
+            last = list(losses)[-1] if losses else None  # the losses may share a graph: keep it until then
+            pairs: Iterable[tuple[str, Tensor]] = list(losses.items())
+        else:
+            last, pairs = None, _each_in_context(losses, trainer.compute_loss_context_manager)
         opt = self.balancer
         total: Tensor | None = None
-        last = len(losses) - 1
-        for i, (name, loss) in enumerate(losses.items()):
+        for name, loss in pairs:
             loss = self.scale_like_trainer(loss, num_items_in_batch)
             with opt.group(str(name)):
-                trainer.accelerator.backward(loss, retain_graph=True if i < last else None)
+                trainer.accelerator.backward(loss, retain_graph=True if last is not None and name != last else None)
+            self._note_captured([str(name)])
             total = loss.detach() if total is None else total + loss.detach()
-        assert total is not None
+        if total is None:
+            raise GroupingError("group_losses returned no loss for this batch; return {group: loss} or yield pairs.")
         return total
 
     # -- clipping and the logged norm: the balanced update's ------------------------------------

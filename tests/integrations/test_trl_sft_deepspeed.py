@@ -56,10 +56,12 @@ class Recording:
 class PlainT(Recording, SFTTrainer): pass
 
 class BalancedT(Recording, BalancedSFTTrainer):
-    def group_losses(self, model, inputs, num_items_in_batch=None):
-        losses = super().group_losses(model, inputs, num_items_in_batch)
-        self.ran.append([sorted(set(inputs[GROUP_KEY])), list(losses)])
-        return losses
+    def group_losses(self, model, inputs, num_items_in_batch=None):  # records the groups as they are yielded
+        ran = []
+        self.ran.append([sorted(set(inputs[GROUP_KEY])), ran])
+        for name, loss in super().group_losses(model, inputs, num_items_in_batch):
+            ran.append(name)
+            yield name, loss
 
 def make(cls, stage, plugins=None, **overrides):
     kw = dict(output_dir=str(out / "run"), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
