@@ -14,8 +14,11 @@ from .aligned_mtl import AlignedMTL, AlignedMTLOptions
 from .balanced_dpo import BalancedDPO, BalancedDPOOptions
 from .cagrad import CAGrad, CAGradOptions
 from .config import ConFIG, ConFIGOptions
+from .constant import Constant, ConstantOptions
+from .crmogm import CRMOGM, CRMOGMOptions
 from .dualproj import DualProj, DualProjOptions
 from .dwa import DWA, DWAOptions
+from .excess_mtl import ExcessMTL, ExcessMTLOptions
 from .fairgrad import FairGrad, FairGradOptions
 from .famo import FAMO, FAMOOptions
 from .gls import GLS, GLSOptions
@@ -25,10 +28,13 @@ from .imtl_g import IMTLG, IMTLGOptions
 from .imtl_l import IMTL, IMTLL, IMTLLOptions, IMTLOptions
 from .krum import Krum, KrumOptions
 from .mgda import MGDA, MGDAOptions
+from .modo import MoDo, MoDoOptions
 from .nash_mtl import NashMTL, NashMTLOptions
+from .pcd import PCD, PCDOptions
 from .pcgrad import PCGrad, PCGradOptions
 from .replay_bias import ReplayBias, ReplayBiasOptions
 from .rlw import RLW, RLWOptions
+from .sdmgrad import SDMGrad, SDMGradOptions
 from .task_norm import TaskNorm, TaskNormOptions
 from .uncertainty import Uncertainty, UncertaintyOptions
 from .upgrad import UPGrad, UPGradOptions
@@ -42,10 +48,16 @@ __all__ = [
     "CAGradOptions",
     "ConFIG",
     "ConFIGOptions",
+    "Constant",
+    "ConstantOptions",
+    "CRMOGM",
+    "CRMOGMOptions",
     "DualProj",
     "DualProjOptions",
     "DWA",
     "DWAOptions",
+    "ExcessMTL",
+    "ExcessMTLOptions",
     "FAMO",
     "FAMOOptions",
     "FairGrad",
@@ -66,12 +78,18 @@ __all__ = [
     "KrumOptions",
     "MGDA",
     "MGDAOptions",
+    "MoDo",
+    "MoDoOptions",
     "NashMTL",
     "NashMTLOptions",
+    "PCD",
+    "PCDOptions",
     "PCGrad",
     "PCGradOptions",
     "RLW",
     "RLWOptions",
+    "SDMGrad",
+    "SDMGradOptions",
     "ReplayBias",
     "ReplayBiasOptions",
     "TaskNorm",
@@ -106,6 +124,12 @@ BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (
     ConFIG,
     Krum,
     FairGrad,
+    PCD,
+    CRMOGM,
+    Constant,
+    ExcessMTL,
+    MoDo,
+    SDMGrad,
 )
 
 

@@ -32,6 +32,8 @@ DOCUMENTED = {
     "aligned_mtl", "nash_mtl", "gradvac", "dualproj", "famo", "dwa", "rlw", "uncertainty", "gls",
     "gradnorm", "imtl_l", "imtl", "config", "krum",
     "fairgrad",
+    "excess_mtl", "modo", "sdmgrad",
+    "pcd", "crmogm", "constant",
 }  # fmt: skip
 
 # The option sets each plugin's conformance runs with, as ``options`` or ``(options, check_plugin kwargs)``.
@@ -79,6 +81,21 @@ CONFORMANCE: dict[str, list[Any]] = {
     "dualproj": [{}],
     "cagrad": [{}, {"c": 0.0}, {"c": 2.0, "rescale": 2}],
     "nash_mtl": [{}, {"max_norm": 0.0}, {"update_weights_every": 2, "optim_niter": 5}],
+    # pcd's primary is a name: the conformance stats name their groups group0, group1, ...
+    "pcd": [
+        {"primary": "group0"},
+        {"primary": "group0", "tau": 1.0, "beta": 0.0, "eps": 0.0},
+        {"primary": "group0", "group_tau": {"group1": 0.5, "group3": 0.0}},
+    ],
+    "crmogm": [{}, {"alpha": 1.0}, {"alpha": 0.5, "initial": {"group0": 0.3, "group2": 2.0}}],
+    "constant": [
+        {"weights": {"group0": 2.0, "group1": -0.5}, "default": 1.0},
+        {"weights": {f"group{i}": 0.5 * i for i in range(12)}},
+        {"weights": {}, "default": 0.25},
+    ],
+    "excess_mtl": [{}, {"warmup_steps": 2}, {"robust_step_size": 0.01, "warmup_steps": 1}],
+    "modo": [{}, {"gamma": 1.0, "rho": 0.0}],
+    "sdmgrad": [{}, {"lambda_": 0.0, "iterations": 5}, {"lambda_": 5.0, "momentum": 0.0, "lr": 1.0}],
 }
 
 # Tap plugins are checked with these events (a function of the device).
@@ -110,6 +127,17 @@ BAD_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "dualproj": [{"reg_eps": -1.0}, {"pref_vector": [1, 2]}],
     "cagrad": [{"c": -0.1}, {"rescale": 3}, {"alpha": 0.5}],
     "nash_mtl": [{"update_weights_every": 0}, {"optim_niter": 0}, {"max_norm": -1.0}, {"n_tasks": 3}],
+    "pcd": [
+        {"tau": 0.02},  # no primary
+        {"primary": ""},
+        {"primary": "a", "group_tau": {"b": 2.0}},
+        {"primary": "a", "group_tau": {"a": 0.1}},
+    ],
+    "crmogm": [{"alpha": 0.0}, {"initial": [1.0, 2.0]}, {"initial_weights": [1.0]}],
+    "constant": [{}, {"weights": {}}, {"weights": {"a": 1.0}, "default": 1.0}, {"weights": {"a": float("nan")}}],
+    "excess_mtl": [{"robust_step_size": 0.0}, {"warmup_steps": -1}, {"n_warmup_steps": 3}],
+    "modo": [{"gamma": 0.0}, {"rho": -0.1}, {"estimate": "three_batches"}],
+    "sdmgrad": [{"momentum": 1.0}, {"iterations": 0}, {"lambda_": -1.0}, {"pref_vector": [1, 2]}, {"n_iter": 20}],
 }
 
 
