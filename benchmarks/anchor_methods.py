@@ -1,22 +1,19 @@
-"""The two scenarios of ``vs_anchors.py`` and every method's way to take a step there.
+"""The two scenarios of ``vs_anchors.py`` and the methods' ways to take a step there.
 
 ``Config`` fixes the model and timing sizes, ``make_data`` the batch, ``Method`` subclasses one
-step each (forward, the method's backward and aggregation, ``opt.step()``, ``zero_grad()``),
-``build`` makes a method from its ``(aggregator, method)`` key. What each method computes and
-why is in the docstring of ``vs_anchors.py``.
+step each (forward, the method's backward and aggregation, ``opt.step()``, ``zero_grad()``): the
+sums, the Balancer's paths, torchjd and pytorch-optimizer here, LibMTL's weighting methods in
+``anchor_methods_weighting.py``; ``anchor_catalog.build`` makes a method from its ``(aggregator,
+method)`` key. What each method computes and why is in the docstring of ``vs_anchors.py``.
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import random
-import sys
 import time
-import types
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +23,18 @@ from balancer import Balancer
 
 CLOCK: list[Callable[[], float]] = [time.perf_counter]  # time.thread_time with --cpu-time
 K = 4
-AGGREGATORS = ("upgrad", "mgda", "pcgrad")
+LR = 1e-3  # Adam's learning rate for every method
+FAIRGRAD_ALPHA = 1.0  # FairGrad's alpha on both sides (the plugin's default; torchjd's FairGrad has none)
+GRADNORM_ALPHA = 1.5  # GradNorm's alpha on both sides (LibMTL's and the plugin's default)
+LOSS_WEIGHTINGS = ("gradnorm",)  # plugins that read the loss values (GroupStats.losses)
+
+
+def plugin_spec(aggregator: str) -> str | tuple[str, dict[str, float]]:
+    """The Balancer plugin of an aggregator, with the options its anchor uses. LibMTL's GradNorm
+    learns its weights as parameters of the model, stepped by the model's Adam (lr ``LR``): the
+    plugin's own Adam gets the same learning rate."""
+    options = {"fairgrad": {"alpha": FAIRGRAD_ALPHA}, "gradnorm": {"alpha": GRADNORM_ALPHA, "lr": LR}}
+    return (aggregator, options[aggregator]) if aggregator in options else aggregator
 
 
 @dataclass(frozen=True)
@@ -111,8 +119,8 @@ class Method:
         self.data = data
         self.aggregator = aggregator
         self.net = Net(data.cfg, data.heads)
-        self.params = list(self.net.parameters())
-        self.inner = torch.optim.Adam(self.params, lr=1e-3)
+        self.params: list[Tensor] = list(self.net.parameters())
+        self.inner = torch.optim.Adam(self.params, lr=LR)
         self.opt: torch.optim.Optimizer = self.inner
         self.inner_seconds = 0.0
         self.captured: Tensor | None = None
@@ -144,7 +152,8 @@ class Method:
         return StepTime(end - start, backward_done - start, step_done - backward_done - self.inner_seconds)
 
     def first_gradient(self) -> Tensor:
-        """Takes one step (seeded, for the random orders of PCGrad) and returns what Adam received."""
+        """Takes one step (seeded, for the random orders of PCGrad) and returns what Adam received;
+        called again, the same for the next step."""
         random.seed(0)
         torch.manual_seed(0)
         self._capture = True
@@ -170,12 +179,14 @@ class SumGroupsStep(Method):
 class BalancerStep(Method):
     def __init__(self, data: Data, aggregator: str) -> None:
         super().__init__(data, aggregator)
-        self.balancer = Balancer(self.inner, plugins=[aggregator])
-
+        self.balancer = Balancer(self.inner, plugins=[plugin_spec(aggregator)])
         self.opt = self.balancer
 
     def backward(self) -> None:
-        if self.data.scenario == "groups":
+        if self.data.scenario == "groups" and self.aggregator in LOSS_WEIGHTINGS:
+            for i in range(K):  # opt.backward records the loss value, which a loss weighting reads
+                self.balancer.backward({f"g{i}": group_loss(self.net, self.data, i)})
+        elif self.data.scenario == "groups":
             for i in range(K):
                 with self.balancer.group(f"g{i}"):
                     group_loss(self.net, self.data, i).backward()
@@ -191,7 +202,7 @@ class BalancerSamplesStep(Method):
 
     def __init__(self, data: Data, aggregator: str) -> None:
         super().__init__(data, aggregator)
-        self.balancer = Balancer(self.inner, plugins=[aggregator], model=self.net)
+        self.balancer = Balancer(self.inner, plugins=[plugin_spec(aggregator)], model=self.net)
         self.opt = self.balancer
         self.rows = data.cfg.batch // K
         self.groups = [f"g{i}" for i in range(K) for _ in range(self.rows)]
@@ -209,11 +220,20 @@ class BalancerTasksStep(Method):
 
     def __init__(self, data: Data, aggregator: str) -> None:
         super().__init__(data, aggregator)
-        self.balancer = Balancer(self.inner, plugins=[aggregator], model=self.net)
+        self.balancer = Balancer(self.inner, plugins=[plugin_spec(aggregator)], model=self.net)
         self.opt = self.balancer
 
     def backward(self) -> None:
         self.balancer.backward_tasks({f"g{i}": loss for i, loss in enumerate(split_losses(self.net, self.data))})
+
+
+def torchjd_aggregator(aggregator: str) -> nn.Module:
+    """torchjd's aggregator of that name, with the options the Balancer's plugin uses."""
+    aggregation = importlib.import_module("torchjd.aggregation")
+    if aggregator == "fairgrad":
+        return aggregation.FairGrad(alpha=FAIRGRAD_ALPHA)
+    names = {"upgrad": "UPGrad", "mgda": "MGDA", "pcgrad": "PCGrad", "config": "ConFIG"}
+    return getattr(aggregation, names[aggregator])()
 
 
 class TorchjdStep(Method):
@@ -221,10 +241,7 @@ class TorchjdStep(Method):
 
     def __init__(self, data: Data, aggregator: str, gramopt: bool = False, all_params: bool = False) -> None:
         super().__init__(data, aggregator)
-        aggregation = importlib.import_module("torchjd.aggregation")
-        self.aggregation = {"upgrad": aggregation.UPGrad, "mgda": aggregation.MGDA, "pcgrad": aggregation.PCGrad}[
-            aggregator
-        ]()
+        self.aggregation = torchjd_aggregator(aggregator)
         self.gramopt = gramopt
         self.mtl = data.scenario == "heads" and not all_params
 
@@ -233,91 +250,19 @@ class TorchjdStep(Method):
         losses, features = joint_losses(self.net, self.data)
         if self.mtl:
             autojac.mtl_backward(losses, features=features)
-            shared = list(self.net.trunk.parameters())
+            shared: list[Tensor] = list(self.net.trunk.parameters())
         else:
             autojac.backward(losses)
             shared = self.params
         autojac.jac_to_grad(shared, self.aggregation, optimize_gramian_computation=self.gramopt)
 
 
-@cache
-def libmtl_weighting() -> types.ModuleType:
-    """``LibMTL.weighting`` without ``LibMTL/__init__.py`` (which imports torchvision)."""
-    spec = importlib.util.find_spec("LibMTL")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("LibMTL is not installed: pip install --no-deps LibMTL==1.1.5")
-    if "LibMTL" not in sys.modules:
-        package = types.ModuleType("LibMTL")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["LibMTL"] = package
-    return importlib.import_module("LibMTL.weighting")
-
-
-class LibmtlStep(Method):
-    def __init__(self, data: Data, aggregator: str) -> None:
-        super().__init__(data, aggregator)
-        weighting = getattr(libmtl_weighting(), {"mgda": "MGDA", "pcgrad": "PCGrad"}[aggregator])
-        shared = list(self.net.trunk.parameters()) if data.scenario == "heads" else self.params
-
-        class Model(weighting):  # what LibMTL's Trainer mixes in: the shared params and task count
-            task_num, device, rep_grad = K, torch.device("cpu"), False
-
-            def get_share_params(self) -> list[Tensor]:
-                return shared
-
-            def zero_grad_share_params(self) -> None:  # LibMTL 1.1.5 predates set_to_none grads
-                for p in shared:
-                    if p.grad is not None:
-                        p.grad.zero_()
-
-        self.weighting = Model()
-        self.kwargs = {"mgda_gn": "none"} if aggregator == "mgda" else {}
-
-    def backward(self) -> None:
-        self.weighting.backward(split_losses(self.net, self.data), **self.kwargs)
-
-
 class PtoStep(Method):
     def __init__(self, data: Data, aggregator: str) -> None:
         super().__init__(data, aggregator)
         pcgrad = importlib.import_module("pytorch_optimizer").PCGrad
-        self.opt = pcgrad(self.inner, reduction="sum")
+        self.pto = pcgrad(self.inner, reduction="sum")
+        self.opt = self.pto
 
     def backward(self) -> None:
-        self.opt.pc_backward(split_losses(self.net, self.data))
-
-
-Factory = Callable[[Data, str], Method]
-METHODS: dict[str, Factory] = {
-    "balancer": BalancerStep,
-    "balancer-samples": BalancerSamplesStep,
-    "balancer-tasks": BalancerTasksStep,
-    "torchjd": TorchjdStep,
-    "torchjd-gramopt": lambda data, agg: TorchjdStep(data, agg, gramopt=True),
-    "libmtl": LibmtlStep,
-    "pto": PtoStep,
-}
-
-
-def balancer_paths(scenario: str) -> list[str]:
-    """The Balancer's ways to capture the groups; the last one is the scenario's recommended path,
-    which the time target applies to."""
-    return ["balancer"] + (["balancer-tasks", "balancer-samples"] if scenario == "groups" else ["balancer-tasks"])
-
-
-def methods_of(aggregator: str, scenario: str) -> list[str]:
-    names = balancer_paths(scenario) + ["torchjd", "torchjd-gramopt"]
-    names += ["libmtl"] if aggregator in ("mgda", "pcgrad") else []
-    names += ["pto"] if aggregator == "pcgrad" else []
-    return names
-
-
-def build(data: Data, key: tuple[str, str]) -> Method:
-    aggregator, method = key
-    baselines: dict[str, Factory] = {"sum": SumStep, "sum-groups": SumGroupsStep}
-    return baselines[method](data, "-") if aggregator == "-" else METHODS[method](data, aggregator)
-
-
-def all_keys(data: Data) -> list[tuple[str, str]]:
-    baselines = [("-", "sum")] + ([("-", "sum-groups")] if data.scenario == "groups" else [])
-    return baselines + [(agg, m) for agg in AGGREGATORS for m in methods_of(agg, data.scenario)]
+        self.pto.pc_backward(split_losses(self.net, self.data))

@@ -1,6 +1,8 @@
 """The first-step check of ``vs_anchors.py``: the gradient each method hands to Adam against a
 reference update of the same definition (UPGrad: torchjd; MGDA: the exact min-norm point;
-PCGrad: the closest of its projection orders)."""
+PCGrad: the closest of its projection orders; FairGrad and ConFIG: torchjd's aggregator on the
+float64 gradients). GradNorm, whose weights change over steps, is checked over its first steps
+in ``anchor_references_weighting.py``."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import itertools
 from collections.abc import Callable
 
 import torch
-from anchor_methods import AGGREGATORS, Data, Key, Method, Net, SumStep, TorchjdStep, methods_of, split_losses
+from anchor_catalog import AGGREGATORS, methods_of
+from anchor_methods import Data, Key, Method, Net, SumStep, TorchjdStep, split_losses, torchjd_aggregator
 from torch import Tensor
 
 
@@ -16,15 +19,26 @@ def relative_difference(a: Tensor, b: Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
-def first_rows(data: Data) -> Tensor:
-    """The k group/task gradients of the initial model, ``[k, n]`` in float64."""
-    method = SumStep(data, "-")
-    rows = []
-    for loss in split_losses(method.net, data):
+def task_rows(method: Method) -> tuple[Tensor, Tensor]:
+    """The k group/task gradients of ``method``'s model as it is now, ``[k, n]``, and the k losses, in float64."""
+    rows, values = [], []
+    for loss in split_losses(method.net, method.data):
         grads = torch.autograd.grad(loss, method.params, retain_graph=True, allow_unused=True)
         flat = [torch.zeros(p.numel()) if g is None else g.flatten() for p, g in zip(method.params, grads, strict=True)]
         rows.append(torch.cat(flat))
-    return torch.stack(rows).double()
+        values.append(loss.detach())
+    return torch.stack(rows).double(), torch.stack(values).double()
+
+
+def first_rows(data: Data) -> Tensor:
+    """The k group/task gradients of the initial model, ``[k, n]`` in float64."""
+    return task_rows(SumStep(data, "-"))[0]
+
+
+def torchjd_update(aggregator: str, rows: Tensor, aggregated: int) -> Tensor:
+    """torchjd's aggregator on the float64 gradients: columns ``:aggregated`` aggregated, the others
+    (the heads, where only the trunk is aggregated) the plain sum of the rows."""
+    return torch.cat([torchjd_aggregator(aggregator)(rows[:, :aggregated]), rows[:, aggregated:].sum(0)])
 
 
 def pcgrad_weights(gram: Tensor) -> Tensor:
@@ -47,7 +61,7 @@ def pcgrad_weights(gram: Tensor) -> Tensor:
                     w[j] -= inner / gram[j, j]
             options.append(w)
         per_row.append(torch.stack(options))
-    return torch.stack([sum(ws) for ws in itertools.product(*per_row)])  # type: ignore[misc]
+    return torch.stack([sum(ws) for ws in itertools.product(*per_row)])
 
 
 def mgda_weights(gram: Tensor) -> Tensor:
@@ -95,15 +109,22 @@ def tolerance(aggregator: str, method: str) -> float:
     return 1e-2 if aggregator == "mgda" and not method.startswith("balancer") else 1e-4
 
 
+def print_check(aggregator: str, method: str, reference: str, diff: float, tol: float) -> bool:
+    print(f"  {aggregator:<8} {method:<16} vs {reference:<34} {diff:9.2e}   {verdict(diff <= tol)} (tol {tol:.0e})")
+    return diff <= tol
+
+
 def check(data: Data, methods: dict[Key, Method]) -> bool:
-    """The first step's gradient of every method against a reference update of the same definition."""
+    """The first step's gradient of every method against a reference update of the same definition
+    (all aggregators but GradNorm)."""
     rows = first_rows(data)
     gram = rows @ rows.T
     n_trunk = sum(p.numel() for p in Net(data.cfg, data.heads).trunk.parameters())
     conflicting = int((gram.triu(1) < 0).sum())
     print(f"check: first-step gradient handed to Adam, relative L2 difference; {conflicting} conflicting pairs")
     ok = True
-    for agg in AGGREGATORS:
+    torchjd_refs: dict[tuple[str, int], Tensor] = {}
+    for agg in (a for a in AGGREGATORS if a != "gradnorm" and (a, "balancer") in methods):
         grads = {m: methods[(agg, m)].first_gradient() for m in methods_of(agg, data.scenario)}
         if data.scenario == "heads" and agg == "upgrad":
             full = TorchjdStep(data, agg, all_params=True).first_gradient()
@@ -116,13 +137,17 @@ def check(data: Data, methods: dict[Key, Method]) -> bool:
                 ref = grads["torchjd"] if trunk or data.scenario == "groups" else full
                 ref_name = "torchjd" if ref is grads["torchjd"] else "torchjd backward, all params"
                 diff = relative_difference(grad, ref)
+            elif agg in ("fairgrad", "config"):
+                aggregated = n_trunk if trunk else rows.shape[1]
+                if (agg, aggregated) not in torchjd_refs:
+                    torchjd_refs[(agg, aggregated)] = torchjd_update(agg, rows, aggregated)
+                ref_name = "torchjd, float64 gradients" + suffix
+                diff = relative_difference(grad, torchjd_refs[(agg, aggregated)])
             else:
                 exact = mgda_weights if agg == "mgda" else pcgrad_weights
                 ref_name = ("exact MGDA" if agg == "mgda" else "PCGrad, closest order") + suffix
                 diff = closest_difference(grad, rows, n_trunk if trunk else rows.shape[1], exact)
-            tol = tolerance(agg, m)
-            ok &= diff <= tol
-            print(f"  {agg:<7} {m:<16} vs {ref_name:<29} {diff:9.2e}   {verdict(diff <= tol)} (tol {tol:.0e})")
+            ok &= print_check(agg, m, ref_name, diff, tolerance(agg, m))
     return ok
 
 

@@ -9,15 +9,18 @@ threads, Adam(lr=1e-3), k = 4:
 * ``heads``: the same trunk + 4 heads ``Linear(512,10)``; batch 64, one trunk forward, 4
   cross-entropy task losses (n = 1,070,632, heads included).
 
-Methods, for each aggregator (``upgrad``, ``mgda``, ``pcgrad``); one step is always forward +
-the method's backward/aggregation + ``step()`` + ``zero_grad()``:
+Methods, for each aggregator (``upgrad``, ``mgda``, ``pcgrad``, ``fairgrad`` with alpha 1,
+``config``, and the loss weighting ``gradnorm`` with alpha 1.5; ``anchor_catalog.py`` lists which
+library has which); one step is always forward + the method's backward/aggregation + ``step()`` +
+``zero_grad()``:
 
 * ``sum``: the plain step on the summed losses (one forward over the batch, one backward);
   the same for every aggregator. ``sum-groups`` (``groups`` only): the same k per-group forward
   and backward passes as the Balancer, accumulated into ``.grad``: what the group structure
   itself costs, before any balancing.
 * ``balancer``: ``Balancer(Adam, plugins=[aggregator])``. In ``groups`` each group is its own
-  forward of 16 samples and its backward inside ``with opt.group(...)``: the way a user holding
+  forward of 16 samples and its backward inside ``with opt.group(...)`` (``gradnorm``, which reads
+  the losses: ``opt.backward({group: loss})`` per group, which records them): the way a user holding
   per-group batches writes it, and the cheaper correct one. One forward over the 64 samples and
   ``opt.backward`` of the 4 sliced group losses (``retain_graph``) runs each of the 4 backward
   passes over all 64 rows (the other groups' rows carry zero gradients, which autograd does not
@@ -35,12 +38,14 @@ the method's backward/aggregation + ``step()`` + ``zero_grad()``:
   the losses of the 4 sample groups) or ``autojac.mtl_backward(losses, features=trunk_output)``
   (``heads``), then ``jac_to_grad(params, aggregator)``; ``torchjd-gramopt`` is the same with
   ``jac_to_grad(..., optimize_gramian_computation=True)`` (no concatenated Jacobian; faster on
-  CPU). The Balancer is compared with the faster of the two.
-* ``libmtl``: LibMTL 1.1.5 ``LibMTL.weighting.MGDA`` (``mgda_gn='none'``) / ``PCGrad`` mixed into
-  a minimal model class, as its Trainer does (it has no UPGrad). Loaded without LibMTL's package
-  ``__init__`` (which needs torchvision): a bare ``LibMTL`` module pointing at the install folder,
-  then ``import LibMTL.weighting``. Its k ``backward(retain_graph=True)`` passes take the same
-  per-group forwards as the Balancer in ``groups`` (LibMTL's ``multi_input`` mode).
+  CPU; not for ConFIG, which is not Gramian-based). The Balancer is compared with the faster.
+* ``libmtl``: LibMTL 1.1.5 ``LibMTL.weighting.MGDA`` (``mgda_gn='none'``) / ``PCGrad`` /
+  ``GradNorm`` mixed into a minimal model class, as its Trainer does (``anchor_methods_weighting.py``:
+  GradNorm's weights are parameters stepped by the same Adam; the plugin's Adam gets its lr).
+  Loaded without LibMTL's package ``__init__`` (which needs torchvision): a bare ``LibMTL`` module
+  pointing at the install folder, then ``import LibMTL.weighting``. Its k
+  ``backward(retain_graph=True)`` passes take the same per-group forwards as the Balancer in
+  ``groups`` (LibMTL's ``multi_input`` mode).
 * ``pto``: pytorch-optimizer 4.1 ``PCGrad(Adam, reduction='sum')``, ``pc_backward(losses)``
   (pcgrad only), per-group forwards in ``groups`` as well.
 
@@ -54,8 +59,12 @@ first step is about ``lr·sign(g)``, so the gradient is the sharper test) with a
 same definition, as a relative L2 difference (PASS below the printed tolerance): UPGrad against
 torchjd; MGDA against the exact min-norm point of the Gram matrix (every support's KKT system
 solved); PCGrad against the closest of its (k-1)!^k random projection orders (its result depends
-on the order as soon as a gradient conflicts with two others). The reference for the trunk-only
-definition aggregates the trunk columns and adds the heads' plain gradients.
+on the order as soon as a gradient conflicts with two others); FairGrad and ConFIG against
+torchjd's aggregator on the float64 gradients. The reference for the trunk-only definition
+aggregates the trunk columns and adds the heads' plain gradients. GradNorm, whose weights move
+only through their own update, is checked over 5 steps, updates and weights, against a float64
+replay of LibMTL's definition (``anchor_references_weighting.py``; its norms cover what each
+method weighs: LibMTL the shared parameters, the Balancer every captured parameter).
 
 Time: every method has its own seeded model and warms up; then all methods of a scenario take
 steps in turn (the order rotates each round, so machine load hits all of them) and the median
@@ -75,18 +84,20 @@ count. The same measurement for every method; host memory outside torch tensors 
 quadprog, LibMTL's Python loops) is not counted, and is tiny.
 
 Targets (PASS/FAIL printed for every Balancer path; the script exits 0 either way): ``groups``
-Balancer time <= 1.3x ``sum``; ``heads`` Balancer time <= 0.9x the faster torchjd; Balancer extra
-memory <= 1.1 k·n everywhere. The time targets are the issue's for the scenario's recommended
-path (``balancer-samples``, ``balancer-tasks``); the other paths are printed for comparison.
+Balancer time <= 1.3x ``sum``; ``heads`` Balancer time <= 0.9x the faster torchjd (``n/a`` for
+``gradnorm``); Balancer extra memory <= 1.1 k·n everywhere. The time targets are the issue's for
+the scenario's recommended path (``balancer-samples``, ``balancer-tasks``); the other paths are
+printed for comparison.
 
-The scenarios and methods are in ``anchor_methods.py``, the first-step references in
-``anchor_references.py``; this file times, measures memory and reports.
+The scenarios and methods are in ``anchor_methods*.py`` (which ones: ``anchor_catalog.py``), the
+references in ``anchor_references*.py``; this file times, measures memory and reports.
 
 Run::
 
-    python benchmarks/vs_anchors.py           # full run, about 1 minute on 2 quiet cores
+    python benchmarks/vs_anchors.py           # full run, all 6 aggregators: a few minutes
     python benchmarks/vs_anchors.py --quick   # tiny model, 3 timed steps: a smoke run, < 1 minute
     python benchmarks/vs_anchors.py --threads 1 --cpu-time   # on a loaded machine (see --help)
+    python benchmarks/vs_anchors.py --aggregator fairgrad --aggregator config   # some aggregators
 """
 
 from __future__ import annotations
@@ -100,25 +111,10 @@ import time
 from collections.abc import Sequence
 
 import torch
-from anchor_methods import (
-    AGGREGATORS,
-    CLOCK,
-    FULL,
-    METHODS,
-    QUICK,
-    Config,
-    Data,
-    K,
-    Key,
-    Method,
-    Net,
-    StepTime,
-    all_keys,
-    balancer_paths,
-    build,
-    make_data,
-)
+from anchor_catalog import AGGREGATORS, METHODS, all_keys, balancer_paths, build
+from anchor_methods import CLOCK, FULL, QUICK, Config, Data, K, Key, Method, Net, StepTime, make_data
 from anchor_references import check, verdict
+from anchor_references_weighting import check_gradnorm
 
 THREADS = 2
 ALLOCATOR_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
@@ -196,30 +192,33 @@ def report(data: Data, n: int, samples: dict[Key, list[StepTime]], peaks: dict[K
         return (peak - sum_peak) / unit, (steady - sum_steady) / unit
 
     print("\nmedian ms per step; extra memory in k·n·4 bytes over sum's: peak over all steps, steady = steps 2..")
-    print(f"{'agg':<7} {'method':<16} {'ms':>7} {'x sum':>6} {'extra':>7} {'steady':>7}")
+    print(f"{'agg':<8} {'method':<16} {'ms':>7} {'x sum':>6} {'extra':>7} {'steady':>7}")
     for key in samples:
         ms = median_ms(samples[key])
-        print(f"{key[0]:<7} {key[1]:<16} {ms:>7.2f} {ms / base:>6.2f} {extra(key)[0]:>7.3f} {extra(key)[1]:>7.3f}")
+        print(f"{key[0]:<8} {key[1]:<16} {ms:>7.2f} {ms / base:>6.2f} {extra(key)[0]:>7.3f} {extra(key)[1]:>7.3f}")
     paths = balancer_paths(data.scenario)
     print(f"\nBalancer time / method time, per Balancer path; fwd+bwd and balance ms; target: {target_text(data)}")
     print(
-        f"{'agg':<7} {'path':<16} {'/sum':>6} {'/torchjd':>9} {'/libmtl':>8} {'/pto':>6} {'fwd+bwd':>8} "
+        f"{'agg':<8} {'path':<16} {'/sum':>6} {'/torchjd':>9} {'/libmtl':>8} {'/pto':>6} {'fwd+bwd':>8} "
         f"{'balance':>8} {'extra':>7}  verdicts"
     )
     for path in paths:
-        for agg in AGGREGATORS:
+        for agg in (a for a in AGGREGATORS if (a, path) in samples):
             own = median_ms(samples[(agg, path)])
             ratio = {m: own / median_ms(samples[(agg, m)]) if (agg, m) in samples else None for m in METHODS}
             torchjd = max(ratio["torchjd"] or 0.0, ratio["torchjd-gramopt"] or 0.0)  # vs the faster torchjd
             peak = extra((agg, path))[0]
-            time_ok = own / base <= GROUPS_TARGET if data.scenario == "groups" else torchjd <= HEADS_TARGET
-            cells = [f"{own / base:>5.2f}x", f"{torchjd:>8.2f}x"]
+            if data.scenario == "groups":
+                time_verdict = verdict(own / base <= GROUPS_TARGET)
+            else:  # the heads target is relative to torchjd, which has no GradNorm
+                time_verdict = verdict(torchjd <= HEADS_TARGET) if torchjd else "n/a"
+            cells = [f"{own / base:>5.2f}x", f"{torchjd:>8.2f}x" if torchjd else f"{'-':>9}"]
             cells += [f"{ratio[m]:>{w}.2f}x" if ratio[m] else f"{'-':>{w + 1}}" for m, w in (("libmtl", 7), ("pto", 5))]
             fb = median_ms(samples[(agg, path)], "forward_backward")
             balance = median_ms(samples[(agg, path)], "balance")
             print(
-                f"{agg:<7} {path:<16} {' '.join(cells)} {fb:>8.2f} {balance:>8.2f} {peak:>7.3f}  "
-                f"time {verdict(time_ok)}, memory {verdict(peak <= MEMORY_TARGET)}"
+                f"{agg:<8} {path:<16} {' '.join(cells)} {fb:>8.2f} {balance:>8.2f} {peak:>7.3f}  "
+                f"time {time_verdict}, memory {verdict(peak <= MEMORY_TARGET)}"
             )
     print(f"targets apply to the recommended path for this scenario: {paths[-1]}")
 
@@ -230,21 +229,19 @@ def target_text(data: Data) -> str:
     return f"time <= {HEADS_TARGET}x the faster torchjd, extra <= {MEMORY_TARGET} k·n"
 
 
-def run_scenario(cfg: Config, scenario: str, check_only: bool) -> bool:
+def run_scenario(cfg: Config, scenario: str, check_only: bool, aggregators: Sequence[str]) -> bool:
     data = make_data(cfg, scenario)
     n = sum(p.numel() for p in Net(cfg, data.heads).parameters())
     d_in, hidden, d_out = cfg.widths
     shape = f"trunk {d_in}-{hidden}-{d_out} + {data.heads} head(s) -> {cfg.classes}"
     split = f"batch {cfg.batch}" + (f" as {K} groups of {cfg.batch // K}" if scenario == "groups" else f", {K} tasks")
     print(f"\n== {scenario}: {shape}, {split}; n = {n:,}; k·n·4 bytes = {K * n * 4 / 2**20:.1f} MiB")
-    keys = all_keys(data)
-    if check_only:
-        return check(data, {key: build(data, key) for key in keys})
-    peaks = measure_memory(data, keys, cfg.memory_steps)
+    keys = all_keys(data, aggregators)
+    peaks = {} if check_only else measure_memory(data, keys, cfg.memory_steps)
     methods = {key: build(data, key) for key in keys}
-    ok = check(data, methods)
-    samples = time_methods(cfg, methods)
-    report(data, n, samples, peaks)
+    ok = check(data, methods) & check_gradnorm(data, methods)
+    if not check_only:
+        report(data, n, time_methods(cfg, methods), peaks)
     return ok
 
 
@@ -257,6 +254,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="tiny model, 3 timed steps (smoke run)")
     parser.add_argument("--scenario", choices=("groups", "heads"), action="append", help="default: both")
+    parser.add_argument("--aggregator", choices=AGGREGATORS, action="append", help="default: all")
     parser.add_argument("--check-only", action="store_true", help="only the first-step check, no timing")
     parser.add_argument("--threads", type=int, default=THREADS, help=f"intra-op threads (default {THREADS})")
     parser.add_argument(
@@ -288,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("--quick: a smoke run of the benchmark's code; its numbers say nothing about speed")
     ok = True
     for scenario in args.scenario or ("groups", "heads"):
-        ok &= run_scenario(cfg, scenario, args.check_only)
+        ok &= run_scenario(cfg, scenario, args.check_only, args.aggregator or AGGREGATORS)
     print(f"\ncheck: {verdict(ok)}")
     print(f"total run time: {time.perf_counter() - started:.1f} s")
     return 0
