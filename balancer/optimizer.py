@@ -34,6 +34,8 @@ from balancer.capture.rows import capture_rows, check_rows
 from balancer.capture.taps import TapHub
 from balancer.config import BalancerConfig, NonFinitePolicy, build_plugins, resolve_config
 from balancer.contract.backend import Backend
+from balancer.contract.chain import Chain
+from balancer.contract.combine import check_combine_rules
 from balancer.contract.plugin import Plugin, State
 from balancer.contract.registry import Registry, default_registry
 from balancer.contract.stats import GroupStats
@@ -112,6 +114,8 @@ class Balancer(ForwardingOptimizer):
         self._plugins: tuple[Plugin, ...] = tuple(build_plugins(plugins, registry))
         self._backend: Backend = backend if backend is not None else _select_backend(inner, registry)
         self._inner = self._backend.optimizer
+        Chain(self._plugins)  # refuses an order that cannot work (a plugin that needs an earlier one, first)
+        check_combine_rules(self._plugins, self._backend)
         if self._clip is not None:
             check_clip(self._backend, self._clip, "max_grad_norm")
         if model is not None:

@@ -1,12 +1,12 @@
 """Many groups: step time and memory of every built-in plugin at k = 64 and k = 256 groups.
 
 What is measured, on 2 CPU threads, for "no plugin" and for every plugin of
-``balancer.plugins.BUILTIN_PLUGINS`` (default options, one plugin per run), at k = 64 and k = 256
-groups, on an MLP of about 150k parameters (64-256-256-256-10, the exact count n is printed)
-trained with AdamW. Each group is one tiny batch of 8 samples with its own data and a
-cross-entropy loss, captured with ``opt.backward({name: loss})`` (so the loss values are
-recorded for the loss-based plugins). Every run gets its own seeded model. Two plugins need a
-setup of their own:
+``balancer.plugins.BUILTIN_PLUGINS`` (default options, one plugin per run; the few that need more
+get it from ``plugins_for``), at k = 64 and k = 256 groups, on an MLP of about 150k parameters
+(64-256-256-256-10, the exact count n is printed) trained with AdamW. Each group is one tiny batch
+of 8 samples with its own data and a cross-entropy loss, captured with
+``opt.backward({name: loss})`` (so the loss values are recorded for the loss-based plugins). Every run gets its own
+seeded model. Two plugins need a setup of their own:
 
 * a plugin that ``needs_taps`` (``replay_bias``: its ``update`` passes the weights through) gets
   every group's logits tapped, ``opt.tap(logits, group=name, labels=y)``, so it reweights and
@@ -112,7 +112,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from balancer import Balancer, BalancerWarning, Plugin
-from balancer.plugins import BUILTIN_PLUGINS
+from balancer.plugins import BUILTIN_PLUGINS, RLW
 
 NO_PLUGIN = "none"
 GROUP_NAMES: dict[str, tuple[str, ...]] = {"balanced_dpo": ("chosen", "rejected")}  # names of the first groups
@@ -156,6 +156,15 @@ def make_batches(cfg: Config, k: int) -> list[tuple[Tensor, Tensor]]:
 def group_names(plugin: str, k: int) -> list[str]:
     names = list(GROUP_NAMES.get(plugin, ()))[:k]
     return names + [f"g{i}" for i in range(len(names), k)]
+
+
+def plugins_for(plugin: str, names: list[str]) -> list[Plugin]:
+    """The plugin under test with its default options, plus what it cannot run without: ``pcd``'s
+    primary group and ``constant``'s weights name the first group; a plugin that transforms earlier
+    weights (``crmogm``) comes after ``rlw`` (cheap, weights not all 1; its time is not counted)."""
+    options = {"pcd": {"primary": names[0]}, "constant": {"weights": {names[0]: 2.0}, "default": 0.5}}
+    tested = {cls.name: cls for cls in BUILTIN_PLUGINS}[plugin](options.get(plugin, {}))
+    return [RLW(), tested] if tested.needs_earlier_plugin else [tested]
 
 
 def tensor_bytes(obj: Any) -> int:
@@ -250,8 +259,8 @@ class Run:
         self.plugin_clock: PluginClock | None = None
         plugins: list[Plugin] = []
         if plugin != NO_PLUGIN:
-            plugins.append({cls.name: cls for cls in BUILTIN_PLUGINS}[plugin]())
-            self.plugin_clock = PluginClock(plugins[0], self.clock)
+            plugins = plugins_for(plugin, self.names)
+            self.plugin_clock = PluginClock(plugins[-1], self.clock)
         self.tapped = any(p.needs_taps for p in plugins)
         self.opt = Balancer(inner, plugins)
 

@@ -215,7 +215,8 @@ class DeepSpeedBackend(RankReductions, Backend):
             self._rows.row(r).zero_()
 
     @torch.no_grad()
-    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0) -> None:
+    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0, rule: Any = None) -> None:
+        assert rule is None, "combine rules are refused with DeepSpeed when the Balancer is built"
         self._agree_step()  # ranks without groups never called gram(): agree here instead
         self._settle()
         base = self._base if self._base_used else None

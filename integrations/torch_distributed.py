@@ -37,6 +37,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from balancer.capture.flat_buffer import FlatBuffer, TensorKind
 from balancer.capture.local import LocalBackend
+from balancer.contract.combine import BoundRule
 from balancer.errors import CaptureError
 
 from ._agreement import RankAgreement, RankReductions
@@ -86,10 +87,10 @@ class ReplicatedBackend(_DistributedMixin):
         self._agreement.check(f"{event} ({self._passes.tally()})")
 
     @torch.no_grad()
-    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0) -> None:
+    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0, rule: BoundRule | None = None) -> None:
         if not self._names:  # a step with groups was checked by gram(); one without is checked here
             self._agree("step() without groups")
-        super().combine(weights, scale=scale)
+        super().combine(weights, scale=scale, rule=rule)
 
     def end_step(self) -> None:
         super().end_step()
@@ -175,6 +176,25 @@ class ShardedBackend(_DistributedMixin):
                 "yet: the Gram matrix would count replicated elements more than once. Use a 1-D fully_shard mesh."
             )
         self._setup(mesh.get_group())
+
+    def _shard_start(self, param: Tensor) -> int:
+        """For combine rules: the global flat index of this rank's first element of ``param``. A
+        ``Shard(0)`` shard is the contiguous chunk ``torch.chunk`` gives this rank; other placements
+        would scatter the local elements over the global order and are refused."""
+        assert isinstance(param, DTensor)
+        placement = param.placements[0]
+        if not isinstance(placement, Shard) or placement.dim != 0:
+            raise CaptureError(
+                f"A combine rule needs FSDP2 shards along dimension 0 (found {param.placements} for a parameter of "
+                f"shape {tuple(param.shape)}): drop shard_placement_fn, or use a weighting plugin."
+            )
+        rows = param.shape[0] if param.dim() else 1
+        chunk = math.ceil(rows / self._world)
+        first = min(rows, param.device_mesh.get_local_rank() * chunk)
+        local = DTensorKind.local(param)
+        per_row = param.numel() // max(rows, 1)
+        assert local.numel() == (min(rows, first + chunk) - first) * per_row, "FSDP2 shard is not torch.chunk's"
+        return first * per_row
 
     def _reduce_norm(self, norm: Tensor, norm_type: float) -> Tensor:
         """The norm of the whole update from each rank's norm of its shard (the L2 norm comes from

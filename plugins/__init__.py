@@ -22,6 +22,7 @@ from .excess_mtl import ExcessMTL, ExcessMTLOptions
 from .fairgrad import FairGrad, FairGradOptions
 from .famo import FAMO, FAMOOptions
 from .gls import GLS, GLSOptions
+from .graddrop import GradDrop, GradDropOptions
 from .gradnorm import GradNorm, GradNormOptions
 from .gradvac import GradVac, GradVacOptions
 from .imtl_g import IMTLG, IMTLGOptions
@@ -36,6 +37,7 @@ from .replay_bias import ReplayBias, ReplayBiasOptions
 from .rlw import RLW, RLWOptions
 from .sdmgrad import SDMGrad, SDMGradOptions
 from .task_norm import TaskNorm, TaskNormOptions
+from .trimmed_mean import TrimmedMean, TrimmedMeanOptions
 from .uncertainty import Uncertainty, UncertaintyOptions
 from .upgrad import UPGrad, UPGradOptions
 
@@ -66,6 +68,8 @@ __all__ = [
     "GLSOptions",
     "GradNorm",
     "GradNormOptions",
+    "GradDrop",
+    "GradDropOptions",
     "GradVac",
     "GradVacOptions",
     "IMTLG",
@@ -94,6 +98,8 @@ __all__ = [
     "ReplayBiasOptions",
     "TaskNorm",
     "TaskNormOptions",
+    "TrimmedMean",
+    "TrimmedMeanOptions",
     "Uncertainty",
     "UncertaintyOptions",
     "UPGrad",
@@ -124,6 +130,8 @@ BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (
     ConFIG,
     Krum,
     FairGrad,
+    GradDrop,
+    TrimmedMean,
     PCD,
     CRMOGM,
     Constant,

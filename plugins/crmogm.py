@@ -54,11 +54,12 @@ class CRMOGM(Plugin[CRMOGMState]):
     ``plugins=["mgda", ("crmogm", {"alpha": 0.9})]`` is torchjd 0.18's
     ``CRMOGMWeighting(MGDAWeighting(), alpha=0.9)`` (tested).
 
-    Placed first it receives ones at every step and returns ones: nothing to smooth. It cannot
-    see its position, and reading the weights on the host every step would synchronise with an
-    accelerator, so the state tracks on the device whether any incoming weight ever differed
-    from 1; :meth:`metrics` (read when metrics are logged) reports it as ``smoothing`` and warns
-    (:class:`~balancer.errors.BalancerWarning`) while it is still 0.
+    Placed first it would receive ones at every step and return ones: the Balancer refuses that
+    order when it is built (:attr:`needs_earlier_plugin`). Later in the list it may still receive
+    ones only (after a plugin whose weights are all 1); reading the weights on the host every step
+    would synchronise with an accelerator, so the state tracks on the device whether any incoming
+    weight ever differed from 1; :meth:`metrics` (read when metrics are logged) reports it as
+    ``smoothing`` and warns (:class:`~balancer.errors.BalancerWarning`) while it is still 0.
 
     Groups are matched by name: a group seen before continues its EMA, a new group starts from
     its weight ``initial[name]`` or else from its incoming weight (its own ``λ_0 = λ̂``), and a group
@@ -78,6 +79,11 @@ class CRMOGM(Plugin[CRMOGMState]):
     name = "crmogm"
     Options = CRMOGMOptions
     options: CRMOGMOptions
+
+    @property
+    def needs_earlier_plugin(self) -> bool:
+        """True: it averages the weights of the plugins before it."""
+        return True
 
     def init(self) -> CRMOGMState:
         return CRMOGMState(weights={}, steps=0, varied=torch.tensor(0.0, dtype=torch.float64))

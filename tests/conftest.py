@@ -53,6 +53,23 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.nn.Mo
     return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).to(dtype)
 
 
+def plugin_entries(plugin: str, first_group: str = "g0") -> list:
+    """Plugin entries that run ``plugin``: with :func:`required_options`, after ``rlw`` when it
+    transforms the weights of an earlier plugin (``crmogm``)."""
+    entry = (plugin, required_options(plugin, first_group))
+    return [("rlw", {}), entry] if plugin == "crmogm" else [entry]
+
+
+def required_options(plugin: str, first_group: str = "g0") -> dict:
+    """Options for the built-in plugins that cannot run with their defaults (pcd needs its primary
+    group, constant its weights), naming ``first_group`` (``g0`` in make_batches, ``group0`` in
+    ``random_stats``); ``{}`` for the others."""
+    return {
+        "pcd": {"primary": first_group},
+        "constant": {"weights": {first_group: 2.0}, "default": 0.5},
+    }.get(plugin, {})
+
+
 def make_batches(seed: int = 0, groups: int = 3, size: int = 8, dtype: torch.dtype = torch.float32):
     """One (x, y) batch per group; group i's targets are scaled by 10**i, so gradient norms differ."""
     gen = torch.Generator().manual_seed(seed)

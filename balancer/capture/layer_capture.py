@@ -264,8 +264,10 @@ class LayerCapture:
                     call.pieces[i] = Piece(torch.where(bad, 0, piece.delta), piece.groups, piece.counts, piece.order)
 
     @torch.no_grad()
-    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0) -> None:
-        """Writes ``scale · (ungrouped + Σ_k w_k A_k)`` into ``.grad``, out of place (revertible)."""
+    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0, rule: Any = None) -> None:
+        """Writes ``scale · (ungrouped + Σ_k w_k A_k)`` into ``.grad``, out of place (revertible).
+        There are no rows to apply a combine rule to (``rule``: refused by the step before this)."""
+        assert rule is None, "the layer capture has no group rows for a combine rule"
         self._poison.restore()
         self._record_undo()
         rescale = isinstance(scale, Tensor) or scale != 1.0

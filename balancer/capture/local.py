@@ -23,7 +23,9 @@ from torch import Tensor
 
 from balancer.capture.flat_buffer import FlatBuffer, TensorKind
 from balancer.capture.row_gram import rows_to_rescale, with_rows
+from balancer.capture.rule_combine import combine_by_rule, rule_tables
 from balancer.contract.backend import Backend, NaNFlag
+from balancer.contract.combine import BoundRule
 from balancer.errors import BalancerWarning, CaptureError
 
 __all__ = ["FlatBuffer", "LocalBackend", "TensorKind"]
@@ -56,6 +58,7 @@ class LocalBackend(Backend):
 
     kind: type[TensorKind] = TensorKind
     ungrouped_gram = True
+    combine_rules = True
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         super().__init__()
@@ -67,6 +70,7 @@ class LocalBackend(Backend):
         self._poison = NaNFlag()
         self._reserved_rows = 0
         self._undo_grads: list[tuple[Tensor, Tensor | None]] | None = None  # combine() without groups
+        self._tables: tuple[Any, list[tuple[Tensor, Tensor]]] | None = None  # for combine rules
 
     def reserve_rows(self, count: int) -> None:
         self._reserved_rows = max(self._reserved_rows, count)
@@ -269,14 +273,30 @@ class LocalBackend(Backend):
                 buf.row(r).zero_()
 
     @torch.no_grad()
-    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0) -> None:
+    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0, rule: BoundRule | None = None) -> None:
         self._poison.restore()
         m = len(self._names)
         if m:
-            for buf in self._buffers:
-                buf.combine(m, weights, scale)
+            tables = self._rule_tables() if rule is not None else []
+            for i, buf in enumerate(self._buffers):
+                if rule is None:
+                    buf.combine(m, weights, scale)
+                else:
+                    combine_by_rule(buf, m, weights, scale, rule, tables[i])
         elif isinstance(scale, Tensor) or scale != 1.0:
             self._scale_ungrouped(scale)
+
+    def _rule_tables(self) -> list[tuple[Tensor, Tensor]]:
+        """Where each buffer's columns lie in the coordinates' global index (:func:`rule_tables`)."""
+        key = (self._layout, tuple(id(p) for p in self._params()))
+        if self._tables is None or self._tables[0] != key:
+            self._tables = (key, rule_tables(self._buffers, self._params(), self._shard_start))
+        return self._tables[1]
+
+    def _shard_start(self, param: Tensor) -> int:
+        """The global flat index, within ``param``, of the first element this process holds (0 when it
+        holds the whole parameter); sharded backends override it."""
+        return 0
 
     def _scale_ungrouped(self, factor: float | Tensor) -> None:
         """No group pending: ``.grad *= factor``, out of place the first time so it can be reverted."""

@@ -11,10 +11,13 @@ through this protocol. One source per step: mixing the two is refused at capture
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from balancer.contract.combine import BoundRule
 
 __all__ = ["CaptureSource"]
 
@@ -45,7 +48,7 @@ class CaptureSource(Protocol):
 
     def expose_ungrouped(self, poison: Tensor | None = None) -> None: ...
 
-    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0) -> None: ...
+    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0, rule: BoundRule | None = None) -> None: ...
 
     def update_norm(self, norm_type: float) -> Tensor: ...
 

@@ -13,6 +13,7 @@ The step protocol, as the core drives it::
     gram = backend.refine_gram(gram, rows)  # only for rows whose fast statistics are not trustworthy
     backend.drop(rows)              # only when some groups were non-finite
     backend.combine(weights, ...)   # Σ_k w_k g_k (+ ungrouped) where the inner optimizer reads it
+                                    # (rule=...: a combine rule, coordinate-wise, instead of the sum)
     backend.optimizer_step(closure)     # inner.step(), or engine.step() for DeepSpeed
     backend.end_step()              # or, if anything after combine() failed: backend.revert()
 
@@ -32,10 +33,13 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from balancer.contract.combine import BoundRule
 
 __all__ = ["Backend", "NaNFlag"]
 
@@ -169,12 +173,17 @@ class Backend(abc.ABC):
     def drop(self, rows: Sequence[int]) -> None:
         """Zeroes the rows of non-finite groups so they cannot leak into the combination."""
 
+    combine_rules: bool = False
+    """Whether :meth:`combine` takes a combine rule (:mod:`balancer.contract.combine`): only backends
+    that hold group rows, column by column, with their global coordinate index."""
+
     @abc.abstractmethod
-    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0) -> None:
+    def combine(self, weights: Tensor, *, scale: float | Tensor = 1.0, rule: BoundRule | None = None) -> None:
         """Writes ``scale · (ungrouped + Σ_k weights_k g_k)`` where the inner optimizer reads gradients.
 
         ``scale`` may be a 0-d tensor (a clip coefficient, never read on the host). The group
-        rows are not written, so :meth:`revert` can undo it.
+        rows are not written, so :meth:`revert` can undo it. With a ``rule`` (only where
+        :attr:`combine_rules`), ``scale · ungrouped + rule(scale · w ∘ rows)`` coordinate-wise instead.
         """
 
     def revert(self) -> None:

@@ -18,10 +18,11 @@ from torch import Tensor
 
 from balancer._checks import check_weights
 from balancer._copy import copy_state
+from balancer.contract.combine import CombineRule
 from balancer.contract.plugin import Plugin
 from balancer.contract.state_checks import InvalidStateError, State
 from balancer.contract.stats import GroupStats
-from balancer.errors import PluginError
+from balancer.errors import ConfigError, PluginError
 
 __all__ = ["Chain", "run_plugins"]
 
@@ -38,6 +39,29 @@ class Chain:
     def __init__(self, plugins: Iterable[Plugin], *, prefix: str = "") -> None:
         self.plugins: tuple[Plugin, ...] = tuple(plugins)
         self.prefix = prefix
+        rules = [p.name for p in self.plugins if isinstance(p, CombineRule) and prefix]
+        if rules:  # a CombineRule acts on the rows, which only the Balancer's own chain reaches
+            raise ConfigError(
+                [
+                    (
+                        "plugins",
+                        f"Combine rule(s) {rules} inside `{prefix.rstrip('.')}`: a combine rule computes the update "
+                        "from the group rows, so it can only be the last plugin of the Balancer itself. List it there.",
+                    )
+                ]
+            )
+        if self.plugins and self.plugins[0].needs_earlier_plugin:
+            first = self.plugins[0].name
+            raise ConfigError(
+                [
+                    (
+                        f"{prefix}plugins.0",
+                        f"`{first}` transforms the weights of the plugins before it, so as the first plugin it "
+                        f"receives ones at every step and does nothing. Place it after the plugin whose weights it "
+                        f'should transform, e.g. plugins=["mgda", "{first}"].',
+                    )
+                ]
+            )
 
     def init(self) -> dict[str, State]:
         """Every plugin's initial state, by name."""

@@ -171,6 +171,13 @@ class Plugin(abc.ABC, Generic[StateT]):
         return 1
 
     @property
+    def needs_earlier_plugin(self) -> bool:
+        """Whether :meth:`update` transforms the weights of the plugins before it instead of weighing
+        the groups itself (``crmogm`` averages them over steps): placed first it would receive ones at
+        every step and do nothing, so the Balancer refuses that order. False by default."""
+        return False
+
+    @property
     def needs_taps(self) -> bool:
         """Whether this plugin does nothing without ``opt.tap`` (the Balancer warns when a step saw no
         tapped gradient). Default: :attr:`uses_taps`; a tap plugin that only logs at taps says False."""

@@ -21,6 +21,10 @@ For tap plugins, pass example events (``tap_events=[tap_event(...)]``); then ``t
 ``merge_tap_stats`` are checked the same way: no host sync, nothing modified in place, a finite
 gradient of the same shape, tap statistics with the keys of ``init_tap_stats``, and a state that
 keeps its structure and survives the round trip after merging.
+
+For combine rules (:class:`~balancer.contract.combine.CombineRule`) ``combine`` is checked too
+(:mod:`~balancer.contract.combine_checks`): coordinate-wise, independent of how the columns are
+sharded, reproducible from the state, no host sync, finite on adversarial rows.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ import torch
 from torch import Tensor
 
 from balancer.capture.taps import row_groups
+from balancer.contract.combine import CombineRule
+from balancer.contract.combine_checks import check_combine_rule
 from balancer.contract.plugin import Plugin, State, TapPlugin
 from balancer.contract.stats import GroupStats
 from balancer.contract.tap_event import TapEvent
@@ -318,3 +324,5 @@ def check_plugin(
         _check_state(plugin, k, steps, seed, device)
         if permutation_equivariant and k > 1:
             _check_permutation(plugin, k, steps, seed, rtol, device)
+        if isinstance(plugin, CombineRule):
+            check_combine_rule(plugin, k, steps, seed, rtol, permutation_equivariant, device)

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from balancer.contract.chain import run_plugins
+from balancer.contract.combine import BoundRule, find_combine_rule
 from balancer.contract.plugin import State
 from balancer.contract.stats import GroupStats
 from balancer.errors import CaptureError
@@ -58,6 +59,7 @@ class StepPlan:
     skip: bool = False  # AMP overflow: skip the step, as GradScaler expects
     token: Any = None  # the backend's capture token when the plan was made
     grad_norm: Tensor | None = None
+    rule: BoundRule | None = None  # the combine rule with its new state, in place of the GEMV
 
 
 def measured_clip(opt: Balancer, clip: ClipRequest | None) -> ClipRequest | None:
@@ -69,10 +71,13 @@ def measured_clip(opt: Balancer, clip: ClipRequest | None) -> ClipRequest | None
     return None if report is None else ClipRequest.make(report)
 
 
-def clip_route(source: CaptureSource, clip: ClipRequest | None, groups: int) -> str | None:
-    """``"gram"`` (L2 from the Gram matrix), ``"combined"`` (norm of the written update) or None."""
+def clip_route(source: CaptureSource, clip: ClipRequest | None, groups: int, rule: bool = False) -> str | None:
+    """``"gram"`` (L2 from the Gram matrix), ``"combined"`` (norm of the written update) or None.
+    With a combine rule (``rule``) the update is not ``Σ w_k g_k``, so ``wᵀGw`` is not its norm: combined."""
     if clip is None:
         return None
+    if rule and groups > 0:
+        return "combined"
     if clip.euclidean and source.ungrouped_gram and (groups > 0 or not has_update_norm(source)):
         return "gram"
     return "combined"
@@ -118,7 +123,13 @@ def plan_step(opt: Balancer, clip: ClipRequest | None, grad_scale: Tensor | None
     k = len(names)
     report_only = clip is None  # a clip measured but not applied: the framework applies it
     clip = measured_clip(opt, clip)
-    route = clip_route(source, clip, k)
+    rule = find_combine_rule(opt.plugins) if k else None
+    if rule is not None and not getattr(source, "combine_rules", False):
+        raise CaptureError(
+            f"Combine rule `{rule.name}` computes the update from the group rows, which the layer capture "
+            "(backward_samples/backward_tasks) does not keep. Capture with opt.group(...) or opt.backward(...)."
+        )
+    route = clip_route(source, clip, k, rule is not None)
     gram = None
     if k or route == "gram":
         gram, verdict = trusted_verdict(opt, source, route == "gram", k, found_inf, grad_scale)
@@ -136,6 +147,9 @@ def plan_step(opt: Balancer, clip: ClipRequest | None, grad_scale: Tensor | None
     if k:
         assert gram is not None
         plan.weights, plan.states, plan.stats = _weigh(opt, names, gram[:k, :k] * verdict.scale**2, plan)
+        keep = [i for i, bad in enumerate(nonfinite) if not bad]
+        if rule is not None and keep:  # dropped groups are left out of the rule, not counted as zeros
+            plan.rule = BoundRule(rule, plan.states[rule.name], None if len(keep) == k else keep)
     if clip is None:
         return plan
     weights = plan.weights if plan.weights is not None else torch.zeros(0, dtype=torch.float64, device=device)
@@ -143,7 +157,7 @@ def plan_step(opt: Balancer, clip: ClipRequest | None, grad_scale: Tensor | None
         assert gram is not None
         total = gram_norm(gram, weights, verdict.scale, nonfinite)
     else:
-        source.combine(weights, scale=verdict.scale)
+        source.combine(weights, scale=verdict.scale, rule=plan.rule)
         plan.combined = True
         total = source.update_norm(clip.norm_type)
     coef = clip_coefficient(total, clip.max_norm)
@@ -178,7 +192,8 @@ def show_scaler(opt: Balancer) -> None:
         check_token(opt, plan, source)
         poison = plan.skip
     else:  # no host sync here: a Gram row that is not finite makes the scaler skip and back off
-        gram, _ = measure(opt, source, clip_route(source, measured_clip(opt, opt._clip), k) == "gram")
+        route = clip_route(source, measured_clip(opt, opt._clip), k, find_combine_rule(opt.plugins) is not None)
+        gram, _ = measure(opt, source, route == "gram")
         dropped = any(name in opt._pending.dropped for name in source.names)
         poison = (~torch.isfinite(gram.diagonal()[:k]).all()) | dropped
     if plan is None or not plan.combined:

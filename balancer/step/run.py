@@ -60,7 +60,7 @@ def run_step(opt: Balancer, closure: Callable[[], Any] | None) -> Any:
             weights = plan.weights
             if weights is None:
                 weights = torch.zeros(0, dtype=torch.float64, device=source.stats_device)
-            source.combine(weights, scale=plan.factor)
+            source.combine(weights, scale=plan.factor, rule=plan.rule)
         if closure is not None:
             with torch.enable_grad():
                 result = opt._backend.optimizer_step(closure)

@@ -35,6 +35,18 @@ EXPECTED = BalancerConfig(
 BUILTINS = sorted(plugin.name for plugin in BUILTIN_PLUGINS)
 
 
+def _has_defaults(options: type[pydantic.BaseModel]) -> bool:
+    try:
+        options()
+    except pydantic.ValidationError:
+        return False
+    return True
+
+
+#: The built-ins that take no required option (pcd needs its primary group, constant its weights).
+WITH_DEFAULTS = sorted(plugin.name for plugin in BUILTIN_PLUGINS if _has_defaults(plugin.Options))
+
+
 @pytest.fixture(scope="module")
 def registry() -> Registry:
     """A registry of its own, loaded from this environment (only the built-ins are installed)."""
@@ -489,7 +501,11 @@ def test_a_mapping_may_carry_an_options_model(registry) -> None:
     assert plugin.options == TaskNormOptions(alpha=0.5, target="max")
 
 
-@given(names=st.permutations(BUILTINS))
+def test_the_plugins_with_required_options_are_known() -> None:
+    assert sorted(set(BUILTINS) - set(WITH_DEFAULTS)) == ["constant", "pcd"]
+
+
+@given(names=st.permutations(WITH_DEFAULTS))
 def test_a_mapping_keeps_the_users_order(registry, names) -> None:
     plugins = build_plugins(dict.fromkeys(names), registry)
 

@@ -10,6 +10,7 @@ import torch
 
 from balancer import Balancer, BalancerWarning, NonFiniteGradientWarning, Plugin, PluginError
 from balancer.plugins import BUILTIN_PLUGINS
+from tests.conftest import plugin_entries
 
 
 class FlakySGD(torch.optim.SGD):
@@ -179,7 +180,7 @@ def test_a_plugin_that_mutates_its_state_cannot_change_it_on_a_refused_step(make
 @pytest.mark.parametrize("plugin", [p.name for p in BUILTIN_PLUGINS])
 def test_every_group_non_finite_gives_weight_zero_and_a_warning(plugin, make_model, make_batches, group_loss):
     model = make_model()
-    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=[plugin])
+    opt = Balancer(torch.optim.SGD(model.parameters(), lr=0.1), plugins=plugin_entries(plugin))
     state = opt.plugin_states[plugin]
     for name, batch in make_batches().items():
         with opt.group(name):

@@ -33,11 +33,18 @@ DOCUMENTED = {
     "gradnorm", "imtl_l", "imtl", "config", "krum",
     "fairgrad",
     "excess_mtl", "modo", "sdmgrad",
+    "graddrop", "trimmed_mean",
     "pcd", "crmogm", "constant",
 }  # fmt: skip
 
 # The option sets each plugin's conformance runs with, as ``options`` or ``(options, check_plugin kwargs)``.
 CONFORMANCE: dict[str, list[Any]] = {
+    "graddrop": [{}, {"seed": 7, "leak": 0.25}, {"leak": {"group0": 1.0, "group2": 0.5}}],
+    "trimmed_mean": [
+        ({}, {"num_groups": (3, 4, 7)}),
+        ({"trim_number": 0}, {}),
+        ({"trim_number": 2}, {"num_groups": (5, 6, 20)}),
+    ],
     "task_norm": [
         {},
         {"max_weight": 2.0},
@@ -104,6 +111,8 @@ TAP_EVENTS = {"balanced_dpo": dpo_pair_events, "replay_bias": replay_events}
 # Hand-picked refusals per plugin (out of bounds, wrong literal, wrong type, a name from another
 # library); every field's bounds, a wrong type and an unknown key are also tried for every plugin.
 BAD_OPTIONS: dict[str, list[dict[str, Any]]] = {
+    "graddrop": [{"seed": -1}, {"leak": 1.5}, {"leak": {"a": -0.1}}, {"leak": "half"}],
+    "trimmed_mean": [{"trim_number": -1}, {"trim_number": 1.5}],
     "task_norm": [{"alpha": 1.5}, {"beta": 1.0}, {"target": "median"}, {"eps": 0}, {"gamma": 1}, {"max_weight": 0}],
     "balanced_dpo": [{"rule": "ratio"}, {"side": "both"}, {"chosen": ""}],
     "replay_bias": [{"warmup": -1}, {"scale": 0}, {"decay": 0}, {"task_start": "epoch"}, {"x": 1}],

@@ -8,9 +8,10 @@ import warnings
 import pytest
 import torch
 
-from balancer import Balancer, BalancerWarning, GroupStats
+from balancer import Balancer, BalancerWarning, ConfigError, GramWeighting, GroupStats, State
 from balancer.contract.chain import Chain
 from balancer.plugins import CRMOGM, MGDA, UPGrad
+from balancer.recipes.split_half import SplitHalf
 
 F64 = torch.float64
 
@@ -94,12 +95,25 @@ def test_groups_are_matched_by_name() -> None:
     plugin.check_state(state)
 
 
-def test_placed_first_it_warns_that_it_smoothed_nothing() -> None:
-    """Placed first it gets ones and returns ones: its metric says so and warns; after a plugin it does not."""
-    first = Chain([CRMOGM()])
-    states = first.init()
+def test_placed_first_it_is_refused_and_after_ones_it_warns() -> None:
+    """First in a Balancer (or in split_half) it would get ones at every step: refused when built. After a
+    plugin whose weights are all 1 it smooths nothing: its metric says so and warns; after MGDA it does not."""
+    param = torch.nn.Parameter(torch.zeros(2))
+    with pytest.raises(ConfigError, match=r"plugins\.0: `crmogm` transforms the weights of the plugins before"):
+        Balancer(torch.optim.SGD([param], lr=1.0), plugins=["crmogm"])
+    with pytest.raises(ConfigError, match=r"split_half\.plugins\.0: `crmogm` transforms the weights"):
+        SplitHalf(["crmogm"])
+
+    class Ones(GramWeighting[State]):
+        name = "ones"
+
+        def weigh(self, stats: GroupStats, state: State) -> tuple[torch.Tensor, State]:
+            return torch.ones(stats.num_groups, dtype=torch.float64), state
+
+    after_ones = Chain([Ones(), CRMOGM()])
+    states = after_ones.init()
     for gram in _grams(3, 2, seed=4):
-        w, states = first.run(GroupStats.from_gram(gram, ["a", "b", "c"]), states)
+        w, states = after_ones.run(GroupStats.from_gram(gram, ["a", "b", "c"]), states)
         assert w.tolist() == [1.0, 1.0, 1.0]
     with pytest.warns(BalancerWarning, match=r"crmogm received weights all equal to 1 in each of its 2 steps"):
         assert float(CRMOGM().metrics(states["crmogm"])["smoothing"]) == 0.0

@@ -13,6 +13,7 @@ from balancer import GroupStats
 from balancer.contract.plugin import InvalidStateError
 from balancer.contract.testing import random_stats
 from balancer.plugins import BUILTIN_PLUGINS, DWA, FAMO, MGDA, BalancedDPO, GradVac, NashMTL, ReplayBias, TaskNorm
+from tests.conftest import required_options
 
 
 def _run(plugin, steps=3, k=3, losses=True):
@@ -28,7 +29,8 @@ def _run(plugin, steps=3, k=3, losses=True):
 
 @pytest.mark.parametrize(
     "plugin",
-    [cls() for cls in BUILTIN_PLUGINS] + [MGDA(normalization="loss"), MGDA(normalization="loss+")],
+    [cls(required_options(cls.name, "group0")) for cls in BUILTIN_PLUGINS]
+    + [MGDA(normalization="loss"), MGDA(normalization="loss+")],
     ids=[cls.name for cls in BUILTIN_PLUGINS] + ["mgda-loss", "mgda-loss+"],
 )
 def test_needs_losses_is_true_exactly_when_the_weights_depend_on_the_losses(plugin):

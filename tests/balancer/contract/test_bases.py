@@ -124,9 +124,16 @@ def test_a_plugin_defining_tap_must_derive_from_tap_plugin():
 
 
 def test_built_in_plugins_declare_their_base():
-    from balancer.plugins import BUILTIN_PLUGINS, BalancedDPO, ReplayBias
+    """Each built-in derives from the base of what it does: taps, a coordinate-wise combine rule, or a
+    weighting of the (weighted) gradients; only crmogm, which replaces the incoming weights by their
+    average over steps instead of weighing the gradients, is a plain Plugin."""
+    from balancer.contract.combine import CombineRule
+    from balancer.plugins import BUILTIN_PLUGINS, CRMOGM, BalancedDPO, GradDrop, ReplayBias, TrimmedMean
 
-    taps = {BalancedDPO, ReplayBias}
+    bases = {BalancedDPO: TapPlugin, ReplayBias: TapPlugin, GradDrop: CombineRule, TrimmedMean: CombineRule}
     for cls in BUILTIN_PLUGINS:
-        assert issubclass(cls, TapPlugin if cls in taps else GramWeighting), cls
+        base = bases.get(cls, Plugin if cls is CRMOGM else GramWeighting)
+        assert issubclass(cls, base), cls
+        others = {TapPlugin, CombineRule, GramWeighting} - {base}
+        assert not any(issubclass(cls, other) for other in others), cls
         assert "version" not in vars(cls), f"{cls.__name__} restates the default version"
