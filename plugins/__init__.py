@@ -30,6 +30,7 @@ from .imtl_l import IMTL, IMTLL, IMTLLOptions, IMTLOptions
 from .krum import Krum, KrumOptions
 from .mgda import MGDA, MGDAOptions
 from .modo import MoDo, MoDoOptions
+from .mt_grpo import MTGRPO, MTGRPOOptions
 from .nash_mtl import NashMTL, NashMTLOptions
 from .pcd import PCD, PCDOptions
 from .pcgrad import PCGrad, PCGradOptions
@@ -84,6 +85,8 @@ __all__ = [
     "MGDAOptions",
     "MoDo",
     "MoDoOptions",
+    "MTGRPO",
+    "MTGRPOOptions",
     "NashMTL",
     "NashMTLOptions",
     "PCD",
@@ -132,6 +135,7 @@ BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (
     FairGrad,
     GradDrop,
     TrimmedMean,
+    MTGRPO,
     PCD,
     CRMOGM,
     Constant,

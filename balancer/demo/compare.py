@@ -11,11 +11,20 @@
 - ``upgrad``: UPGrad (Quinton & Rey, 2024) on the tasks;
 - ``famo``: FAMO (Liu et al., 2023) on the tasks' GRPO losses with ``min_loss = −3``: the
   per-token GRPO loss of a task is at least ``−(1+ε)·max|Â| = −1.2·7/√8 ≈ −2.97`` with 8
-  responses per prompt, so ``ℓ − b`` stays positive (FAMO takes its logarithm).
+  responses per prompt, so ``ℓ − b`` stays positive (FAMO takes its logarithm);
+- ``mt_grpo``: MT-GRPO (Ramesh et al., arXiv 2602.05547) as its paper runs it: the ``mt_grpo`` plugin
+  learns task ratios ``z`` from the tasks' rewards and improvements (main-run defaults; the clip of the
+  improvement scaled with the training lr as its code does), and the ratio-preserving sampler
+  (:mod:`balancer.demo.mt_grpo`) draws each task's share ``z_k`` of the prompts, rejecting prompts with
+  zero advantages for up to 10 rounds: it samples more rollouts per step than the other methods;
+- ``rp_sampler_only``: the same sampler at uniform ratios (the plugin's ``lr = 0``): the sampler alone;
+- ``mt_grpo_weights``: the learned ratios as loss weights ``K z_k`` with uniform sampling: the weights alone.
 
 Every run uses the same initial policy and prompts for a given seed. The printed table gives
 mean ± sd over the seeds of the worst task's and the mean task's final reward, each task's
 final reward, and the paired difference to ``plain`` (same seed). All runs go to one metrics log.
+``--reuse`` adds the methods of an earlier ``summary.json`` (same setting, seeds and steps) to the tables,
+so one new method can be paired with stored ``plain`` runs without training them again.
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ from balancer.tools.metrics import MetricsLogger, read_metrics
 __all__ = ["COMPARISON", "METHODS", "compare", "main"]
 
 FAMO_MIN_LOSS = -3.0
+MT_GRPO_OPTIONS = {"apply": "sampling", "improvement_clip": 0.1 * GRPOConfig().lr / 1e-6}
+"""MT-GRPO's main-run defaults; its code scales the clip of ``I_k`` (0.1 at lr 1e-6) with the training lr."""
 METHODS: dict[str, dict[str, Any]] = {
     "plain": {},
     "grad_sampling": {"sampling": "gradient"},
@@ -50,6 +61,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "task_norm_split_half": {"half_plugins": [("task_norm", {"estimate": "split_half"})]},
     "upgrad": {"plugins": ["upgrad"]},
     "famo": {"plugins": [("famo", {"min_loss": FAMO_MIN_LOSS})]},
+    "mt_grpo": {"plugins": [("mt_grpo", MT_GRPO_OPTIONS)], "sampling": "ratio_preserving"},
+    "rp_sampler_only": {"plugins": [("mt_grpo", {**MT_GRPO_OPTIONS, "lr": 0.0})], "sampling": "ratio_preserving"},
+    "mt_grpo_weights": {"plugins": [("mt_grpo", {**MT_GRPO_OPTIONS, "apply": "weights"})]},
 }
 """Method name -> the task plugins, the plugins on the halves and the task sampling."""
 COMPARISON = GRPOConfig(steps=300, prompts=8, rollouts=8)
@@ -171,9 +185,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--setting", choices=sorted(TASK_SETS), default="nature")
     parser.add_argument("--out", default="balancer-compare", help="folder for compare.jsonl and summary.json")
     parser.add_argument("--summary", help="print the tables of a summary.json written earlier, without training")
+    parser.add_argument(
+        "--reuse",
+        help="a summary.json of earlier runs (same setting, seeds, steps): its methods not run now join the "
+        "tables and the new summary.json (e.g. plain, for the paired differences of one new method)",
+    )
     args = parser.parse_args(argv)
+    reused = load_summaries(Path(args.reuse)) if args.reuse else {}
     if args.summary:
         loaded = load_summaries(Path(args.summary))
+        loaded = {**{m: r for m, r in reused.items() if m not in loaded}, **loaded}
         print(f"{table(loaded)}\n\n{measurement_table(loaded)}")
         return 0
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -184,6 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     cfg = dataclasses.replace(COMPARISON, steps=args.steps)
     summaries = compare(methods, range(args.seeds), args.setting, cfg, Path(args.out))
+    summaries = {**{m: r for m, r in reused.items() if m not in summaries}, **summaries}
     elapsed = time.perf_counter() - start
     print(f"Setting {args.setting!r}, {args.seeds} seeds, {args.steps} steps per run, {elapsed:.0f} s in all.")
     print("Final reward (mean of the last 10% of steps), mean ± sd over seeds; d = paired difference to plain:")

@@ -34,12 +34,15 @@ are shared out in proportion to each task's EMA (factor ``SAMPLING_BETA``) of it
 prompts has a loss ``c_k / prompts`` times its mean's, so its estimate is scaled by
 ``(prompts / c_k)²``: else the allocation would feed back on itself), in pairs (one prompt per half), at least one pair
 per task, by largest remainder; before the first measurement, and when no estimate is positive,
-uniformly.
+uniformly. ``"ratio_preserving"`` is MT-GRPO's sampler (:mod:`balancer.demo.mt_grpo`): the same
+allocation from the ``mt_grpo`` plugin's task ratios ``z``, each task's prompts drawn until they
+have non-zero advantages. With an ``mt_grpo`` plugin, rewards and improvements are reported to it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -47,6 +50,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from balancer.demo.mt_grpo import find_plugin, observe_improvements, observe_rewards, ratio_preserving_rollout
 from balancer.demo.tasks import DIGITS, Task, separator_token, task_token, vocab_size
 from balancer.optimizer import Balancer
 from balancer.recipes.split_half import SplitHalf, half_groups, split_half_sq_norms
@@ -54,7 +58,7 @@ from balancer.recipes.split_half import SplitHalf, half_groups, split_half_sq_no
 __all__ = ["GRPOConfig", "Policy", "Rollouts", "prompt_counts", "rollout", "task_losses", "train"]
 
 LossNorm = Literal["sequence", "token"]
-Sampling = Literal["uniform", "gradient"]
+Sampling = Literal["uniform", "gradient", "ratio_preserving"]
 MIN_REWARD_STD = 1e-6
 SAMPLING_BETA = 0.9
 
@@ -83,8 +87,10 @@ class GRPOConfig:
             raise ValueError(f"`rollouts` must be >= 2 (advantages are normalised per group). Found {self.rollouts}.")
         if self.loss_norm not in ("sequence", "token"):
             raise ValueError(f"`loss_norm` must be 'sequence' or 'token'. Found `{self.loss_norm!r}`.")
-        if self.sampling not in ("uniform", "gradient"):
-            raise ValueError(f"`sampling` must be 'uniform' or 'gradient'. Found `{self.sampling!r}`.")
+        if self.sampling not in ("uniform", "gradient", "ratio_preserving"):
+            raise ValueError(
+                f"`sampling` must be 'uniform', 'gradient' or 'ratio_preserving'. Found `{self.sampling!r}`."
+            )
 
 
 class Policy(nn.Module):
@@ -233,16 +239,36 @@ def train(
     policy = Policy(vocab_size(len(tasks)), cfg.hidden)
     opt = Balancer(torch.optim.Adam(policy.parameters(), lr=cfg.lr), plugins=[SplitHalf(plugins), *half_plugins])
     ema: list[float] | None = None
+    mt = find_plugin(opt)
+    if cfg.sampling == "ratio_preserving" and mt is None:
+        raise ValueError("sampling='ratio_preserving' reads the task ratios of an 'mt_grpo' plugin: add one.")
     step = 0
     while step < cfg.steps:
         counts = [cfg.prompts] * len(tasks)
         if cfg.sampling == "gradient" and ema is not None:
             counts = prompt_counts(ema, cfg.prompts)
-        phase = [
-            [rollout(policy, tasks, i, counts[i], cfg.rollouts, generator) for i in range(len(tasks))]
-            for _ in range(min(cfg.minibatches, cfg.steps - step))
-        ]
-        for batch in phase:
+        drawn = [[float(c) for c in counts] for _ in range(cfg.minibatches)]
+        if cfg.sampling == "ratio_preserving" and mt is not None:
+            z = mt.probabilities(opt)
+            counts = prompt_counts([float(z[t.name]) if t.name in z else 1.0 / len(tasks) for t in tasks], cfg.prompts)
+            draw = functools.partial(rollout, policy)
+            phase = []
+            for m in range(min(cfg.minibatches, cfg.steps - step)):
+                pairs = [
+                    ratio_preserving_rollout(draw, opt, tasks, i, c, cfg.rollouts, generator)
+                    for i, c in enumerate(counts)
+                ]
+                phase.append([b for b, _ in pairs])
+                drawn[m] = [float(n) for _, n in pairs]
+        else:
+            phase = [
+                [rollout(policy, tasks, i, counts[i], cfg.rollouts, generator) for i in range(len(tasks))]
+                for _ in range(min(cfg.minibatches, cfg.steps - step))
+            ]
+            if mt is not None:
+                for batch in phase:
+                    observe_rewards(opt, {t.name: float(b.rewards.mean()) for t, b in zip(tasks, batch, strict=True)})
+        for m, batch in enumerate(phase):
             losses: dict[str, Tensor] = {}
             extra: dict[str, dict[str, float]] = {}
             for task, rollouts in zip(tasks, batch, strict=True):
@@ -252,6 +278,12 @@ def train(
                     extra.setdefault(key, {})[task.name] = value
             opt.backward(losses)
             opt.step()
+            if mt is not None:
+                scale = cfg.prompts * cfg.rollouts  # a task's loss is its Σ_i ℓ_i / scale
+                before = {t.name: float(sum(losses[g].detach() for g in half_groups(t.name))) * scale for t in tasks}
+                observe_improvements(opt, policy, tasks, batch, before, cfg)
+                extra["generated"] = dict(zip((t.name for t in tasks), drawn[m], strict=True))
+                extra["z"] = {name: float(v) for name, v in mt.probabilities(opt).items()}
             if opt.last_stats is not None:
                 # per prompt share: a task's loss grows with its prompt count, its mean gradient does not
                 measured = split_half_sq_norms(opt.last_stats).tolist()

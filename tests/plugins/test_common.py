@@ -34,6 +34,7 @@ DOCUMENTED = {
     "fairgrad",
     "excess_mtl", "modo", "sdmgrad",
     "graddrop", "trimmed_mean",
+    "mt_grpo",
     "pcd", "crmogm", "constant",
 }  # fmt: skip
 
@@ -100,6 +101,7 @@ CONFORMANCE: dict[str, list[Any]] = {
         {"weights": {f"group{i}": 0.5 * i for i in range(12)}},
         {"weights": {}, "default": 0.25},
     ],
+    "mt_grpo": [{}, {"apply": "sampling"}, {"optimizer": "sgd", "reward_weight": 0.0}],
     "excess_mtl": [{}, {"warmup_steps": 2}, {"robust_step_size": 0.01, "warmup_steps": 1}],
     "modo": [{}, {"gamma": 1.0, "rho": 0.0}],
     "sdmgrad": [{}, {"lambda_": 0.0, "iterations": 5}, {"lambda_": 5.0, "momentum": 0.0, "lr": 1.0}],
@@ -144,6 +146,7 @@ BAD_OPTIONS: dict[str, list[dict[str, Any]]] = {
     ],
     "crmogm": [{"alpha": 0.0}, {"initial": [1.0, 2.0]}, {"initial_weights": [1.0]}],
     "constant": [{}, {"weights": {}}, {"weights": {"a": 1.0}, "default": 1.0}, {"weights": {"a": float("nan")}}],
+    "mt_grpo": [{"reward_decay": 1.0}, {"improvement_clip": 0}, {"apply": "both"}, {"lambda_bias": 0.2}],
     "excess_mtl": [{"robust_step_size": 0.0}, {"warmup_steps": -1}, {"n_warmup_steps": 3}],
     "modo": [{"gamma": 0.0}, {"rho": -0.1}, {"estimate": "three_batches"}],
     "sdmgrad": [{"momentum": 1.0}, {"iterations": 0}, {"lambda_": -1.0}, {"pref_vector": [1, 2]}, {"n_iter": 20}],
