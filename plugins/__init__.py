@@ -15,6 +15,7 @@ from .balanced_dpo import BalancedDPO, BalancedDPOOptions
 from .cagrad import CAGrad, CAGradOptions
 from .config import ConFIG, ConFIGOptions
 from .constant import Constant, ConstantOptions
+from .cosmos import COSMOS, COSMOSOptions
 from .crmogm import CRMOGM, CRMOGMOptions
 from .dualproj import DualProj, DualProjOptions
 from .dwa import DWA, DWAOptions
@@ -32,11 +33,13 @@ from .mgda import MGDA, MGDAOptions
 from .modo import MoDo, MoDoOptions
 from .mt_grpo import MTGRPO, MTGRPOOptions
 from .nash_mtl import NashMTL, NashMTLOptions
+from .pbi import PBI, PBIOptions
 from .pcd import PCD, PCDOptions
 from .pcgrad import PCGrad, PCGradOptions
 from .replay_bias import ReplayBias, ReplayBiasOptions
 from .rlw import RLW, RLWOptions
 from .sdmgrad import SDMGrad, SDMGradOptions
+from .stch import STCH, STCHOptions
 from .task_norm import TaskNorm, TaskNormOptions
 from .trimmed_mean import TrimmedMean, TrimmedMeanOptions
 from .uncertainty import Uncertainty, UncertaintyOptions
@@ -53,6 +56,8 @@ __all__ = [
     "ConFIGOptions",
     "Constant",
     "ConstantOptions",
+    "COSMOS",
+    "COSMOSOptions",
     "CRMOGM",
     "CRMOGMOptions",
     "DualProj",
@@ -91,12 +96,16 @@ __all__ = [
     "NashMTLOptions",
     "PCD",
     "PCDOptions",
+    "PBI",
+    "PBIOptions",
     "PCGrad",
     "PCGradOptions",
     "RLW",
     "RLWOptions",
     "SDMGrad",
     "SDMGradOptions",
+    "STCH",
+    "STCHOptions",
     "ReplayBias",
     "ReplayBiasOptions",
     "TaskNorm",
@@ -142,6 +151,9 @@ BUILTIN_PLUGINS: tuple[type[Plugin], ...] = (
     ExcessMTL,
     MoDo,
     SDMGrad,
+    COSMOS,
+    PBI,
+    STCH,
 )
 
 

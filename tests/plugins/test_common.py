@@ -36,6 +36,7 @@ DOCUMENTED = {
     "graddrop", "trimmed_mean",
     "mt_grpo",
     "pcd", "crmogm", "constant",
+    "cosmos", "pbi", "stch",
 }  # fmt: skip
 
 # The option sets each plugin's conformance runs with, as ``options`` or ``(options, check_plugin kwargs)``.
@@ -105,6 +106,14 @@ CONFORMANCE: dict[str, list[Any]] = {
     "excess_mtl": [{}, {"warmup_steps": 2}, {"robust_step_size": 0.01, "warmup_steps": 1}],
     "modo": [{}, {"gamma": 1.0, "rho": 0.0}],
     "sdmgrad": [{}, {"lambda_": 0.0, "iterations": 5}, {"lambda_": 5.0, "momentum": 0.0, "lr": 1.0}],
+    # the scalarizers' preferences and references are keyed by name: the stats name groups group0, group1, ...
+    "cosmos": [{}, {"lambda_": 0.0}, {"lambda_": 8.0, "preference": {"group0": 0.7, "group2": 0.0}, "default": 0.3}],
+    "pbi": [{}, {"theta": 0.0}, {"preference": {"group0": 2.0, "group1": 0.0}, "default": 1.0, "reference": 0.05}],
+    "stch": [
+        {},
+        {"mu": 1e-3},
+        {"mu": 1.0, "preference": {"group1": 0.5}, "default": 0.1, "reference": {"group0": 0.2}},
+    ],
 }
 
 # Tap plugins are checked with these events (a function of the device).
@@ -150,6 +159,17 @@ BAD_OPTIONS: dict[str, list[dict[str, Any]]] = {
     "excess_mtl": [{"robust_step_size": 0.0}, {"warmup_steps": -1}, {"n_warmup_steps": 3}],
     "modo": [{"gamma": 0.0}, {"rho": -0.1}, {"estimate": "three_batches"}],
     "sdmgrad": [{"momentum": 1.0}, {"iterations": 0}, {"lambda_": -1.0}, {"pref_vector": [1, 2]}, {"n_iter": 20}],
+    "cosmos": [
+        {"lambda_": -0.1},
+        {"weights": [0.5, 0.5]},  # torchjd's positional preference
+        {"preference": {"a": -1.0}},
+        {"preference": {"a": float("inf")}},
+        {"preference": {}},
+        {"preference": {"a": 0.0}, "default": 0.0},
+        {"default": 0.5},  # ignored without a preference
+    ],
+    "pbi": [{"theta": -1.0}, {"eps": 0.0}, {"reference": float("nan")}, {"reference": {"a": float("-inf")}}],
+    "stch": [{"mu": 0.0}, {"mu": -1.0}, {"preference": {"a": float("nan")}}, {"reference": [0.0, 1.0]}],
 }
 
 
