@@ -82,7 +82,7 @@ class FairGrad(GramWeighting[State]):
         inv_alpha = 1.0 / self.options.alpha
         eye = torch.eye(k, dtype=gram.dtype, device=gram.device)
         on_host = gram.device.type == "cpu"  # reading x costs nothing there: stop once it has converged
-        settled = 4.0 * torch.finfo(gram.dtype).eps
+        settled = 4.0 * torch.finfo(gram.dtype).eps  # relative to x's largest entry
         for _ in range(self.options.iterations):
             gradient = system @ x - x.pow(-inv_alpha)
             hessian = system + torch.diag(inv_alpha * x.pow(-inv_alpha - 1.0))
@@ -97,10 +97,10 @@ class FairGrad(GramWeighting[State]):
             tolerance = 1e-13 * current.abs().clamp_min(values.min().abs())  # near the optimum f is flat to rounding
             best = (values <= values.min() + tolerance).to(torch.int8).argmax()  # the longest step among the best
             stepped = torch.where(values[best] <= current + tolerance, candidates[best], x)
-            if on_host and bool(((stepped - x).abs() <= settled * x.abs().max()).all()):
-                x = stepped
-                break  # moved by rounding only: the iterations have converged
+            done = on_host and torch.allclose(stepped / x.abs().max(), x / x.abs().max(), rtol=0.0, atol=settled)
             x = stepped
+            if done:
+                break  # moved by rounding only: the iterations have converged
         # G x = x^(-1/α) on G/scale: x' with (G/s) x' = x'^(-1/α); x = x' s^(-α/(α+1)) solves it on G
         x = x * scale.pow(-self.options.alpha / (self.options.alpha + 1.0))
         return torch.where(zero, 0.0, x), state
