@@ -18,6 +18,7 @@ inner product of two complex gradients is ``Re Σ a·conj(b)``, the one their no
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -247,31 +248,40 @@ class FlatBuffer:
         One GEMV per block (several blocks: tile by tile). ``scale`` may be a 0-d tensor (a clip
         coefficient, kept on the device); then an ungrouped gradient costs one more pass over ``n``.
         """
+
+        def gemv(base: Tensor, keep: bool) -> None:
+            w = weights.to(device=self.device)
+            if isinstance(scale, Tensor):
+                w, alpha = w * scale.to(w), 1.0
+                if keep:
+                    base.mul_(scale.to(device=self.device, dtype=base.real.dtype))
+                beta = 1.0 if keep else 0.0  # beta 0 ignores base's stale values (NaN included)
+            else:
+                alpha, beta = scale, (scale if keep else 0.0)
+            w = w.to(self.dtype)
+            parts = self.parts(m)
+            if len(parts) <= 2:
+                start = 0
+                for block in parts:
+                    base.addmv_(block.T, w[start : start + block.shape[0]], beta=beta, alpha=alpha)
+                    start, beta = start + block.shape[0], 1.0
+            else:
+                for lo, hi in column_tiles(self.n):
+                    tile = torch.cat([p[:, lo:hi] for p in parts])
+                    base[lo:hi].addmv_(tile.T, w, beta=beta, alpha=alpha)
+
+        self.write_update(gemv)
+
+    def write_update(self, fill: Callable[[Tensor, bool], None]) -> None:
+        """Writes the update into the base row and points ``.grad`` at it, revertibly: records the
+        undo, moves an ungrouped ``.grad`` into ``base``, then ``fill(base, keep)`` (``keep``: whether
+        ``base`` holds the ungrouped gradient to scale and add to; else its values are stale)."""
         self._record_undo()
         keep = self.has_ungrouped()
         if keep:
             self.adopt_ungrouped()
         views = self.base_views()
-        base = self.blocks[0][0]
-        w = weights.to(device=self.device)
-        if isinstance(scale, Tensor):
-            w, alpha = w * scale.to(w), 1.0
-            if keep:
-                base.mul_(scale.to(device=self.device, dtype=base.real.dtype))
-            beta = 1.0 if keep else 0.0  # beta 0 ignores base's stale values (NaN included)
-        else:
-            alpha, beta = scale, (scale if keep else 0.0)
-        w = w.to(self.dtype)
-        parts = self.parts(m)
-        if len(parts) <= 2:
-            start = 0
-            for block in parts:
-                base.addmv_(block.T, w[start : start + block.shape[0]], beta=beta, alpha=alpha)
-                start, beta = start + block.shape[0], 1.0
-        else:
-            for lo, hi in column_tiles(self.n):
-                tile = torch.cat([p[:, lo:hi] for p in parts])
-                base[lo:hi].addmv_(tile.T, w, beta=beta, alpha=alpha)
+        fill(self.blocks[0][0], keep)
         for p, view in zip(self.params, views, strict=True):
             p.grad = view
 

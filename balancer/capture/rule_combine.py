@@ -66,25 +66,21 @@ def combine_by_rule(
 ) -> None:
     """``base = scale · (ungrouped + rule(scale · w ∘ rows))``, ``.grad`` → ``base`` (``scale``: the
     GradScaler's ``1/scale`` or 1, which the rule sees applied, so a rule need not be homogeneous)."""
-    buf._record_undo()
-    keep = buf.has_ungrouped()
-    if keep:
-        buf.adopt_ungrouped()
-    views = buf.base_views()
-    base = buf.blocks[0][0]
     work = torch.float32 if buf.dtype in (torch.float16, torch.bfloat16) else buf.dtype
     factor = scale.to(device=buf.device, dtype=torch.float64) if isinstance(scale, Tensor) else scale
     w = (weights.to(device=buf.device, dtype=torch.float64) * factor).to(work)[:, None]
-    parts = buf.parts(m)
-    for lo, hi in _tiles(buf.n):
-        tile = parts[0][:, lo:hi] if len(parts) == 1 else torch.cat([p[:, lo:hi] for p in parts])
-        out = rule(tile.to(work) * w, Columns(lo, hi, *table))
-        if keep:
-            part = base[lo:hi]
-            if isinstance(scale, Tensor) or scale != 1.0:
-                part.mul_(scale.to(device=buf.device, dtype=part.dtype) if isinstance(scale, Tensor) else scale)
-            part.add_(out.to(part.dtype))
-        else:
-            base[lo:hi].copy_(out)
-    for p, view in zip(buf.params, views, strict=True):
-        p.grad = view
+
+    def by_rule(base: Tensor, keep: bool) -> None:
+        parts = buf.parts(m)
+        for lo, hi in _tiles(buf.n):
+            tile = parts[0][:, lo:hi] if len(parts) == 1 else torch.cat([p[:, lo:hi] for p in parts])
+            out = rule(tile.to(work) * w, Columns(lo, hi, *table))
+            if keep:
+                part = base[lo:hi]
+                if isinstance(scale, Tensor) or scale != 1.0:
+                    part.mul_(scale.to(device=buf.device, dtype=part.dtype) if isinstance(scale, Tensor) else scale)
+                part.add_(out.to(part.dtype))
+            else:
+                base[lo:hi].copy_(out)
+
+    buf.write_update(by_rule)
