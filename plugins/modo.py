@@ -18,7 +18,17 @@ from balancer.recipes.split_half import task_layout
 
 from ._named import NamedIndex, check_named_state, check_nonnegative
 
-__all__ = ["MoDo", "MoDoOptions", "MoDoState", "Estimate", "SampledMatrix", "project_onto_simplex", "sampled_matrix"]
+__all__ = [
+    "MoDo",
+    "MoDoOptions",
+    "MoDoState",
+    "Estimate",
+    "SampledMatrix",
+    "project_onto_simplex",
+    "sampled_matrix",
+    "SimplexState",
+    "SimplexWeighting",
+]
 
 Estimate = Literal["naive", "split_half"]
 ESTIMATE_HELP = (
@@ -99,14 +109,31 @@ class MoDoOptions(PluginOptions):
     estimate: Estimate = Field("naive", description=ESTIMATE_HELP)
 
 
-class MoDoState(TypedDict):
-    """State of :class:`MoDo`: one weight per task seen, over ``names``."""
+class SimplexState(TypedDict):
+    """State of :class:`MoDo` (λ) and :class:`~balancer.plugins.SDMGrad` (its inner ``w``): one
+    weight per task seen, over ``names``."""
 
     names: list[str]  # every task seen so far, in order of first appearance
-    weights: Tensor  # [m] λ, on the simplex over the tasks of the last step they took part in
+    weights: Tensor  # [m] on the simplex over the tasks of the last step they took part in
 
 
-class MoDo(GramWeighting[MoDoState]):
+MoDoState = SimplexState
+
+
+class SimplexWeighting(GramWeighting[SimplexState]):
+    """Base of the plugins whose state is one simplex weight per task name (MoDo, SDMGrad)."""
+
+    def init(self) -> SimplexState:
+        return SimplexState(names=[], weights=torch.zeros(0, dtype=torch.float64))
+
+    def check_state(self, state: SimplexState) -> None:
+        """One weight per stored name, none negative."""
+        super().check_state(state)
+        check_named_state(state, vectors=("weights",))
+        check_nonnegative(state["weights"], "weights")
+
+
+class MoDo(SimplexWeighting):
     """Weights that track the conflict-avoiding direction by one projected step per update (Chen et al. 2024).
 
     Chen, Fernando, Ying, Chen, *Three-Way Trade-Off in Multi-Objective Learning: Optimization,
@@ -139,15 +166,6 @@ class MoDo(GramWeighting[MoDoState]):
     name = "modo"
     Options = MoDoOptions
     options: MoDoOptions
-
-    def init(self) -> MoDoState:
-        return MoDoState(names=[], weights=torch.zeros(0, dtype=torch.float64))
-
-    def check_state(self, state: MoDoState) -> None:
-        """One weight per stored name, none negative."""
-        super().check_state(state)
-        check_named_state(state, vectors=("weights",))
-        check_nonnegative(state["weights"], "weights")
 
     def weigh(self, stats: GroupStats, state: MoDoState) -> tuple[Tensor, MoDoState]:
         opts = self.options

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TypedDict
-
 import torch
 from pydantic import Field
 from torch import Tensor
 
 from balancer import GroupStats, PluginOptions
-from balancer.contract.weighting import GramWeighting
 
-from ._named import NamedIndex, check_named_state, check_nonnegative
-from .modo import ESTIMATE_HELP, Estimate, project_onto_simplex, sampled_matrix
+from ._named import NamedIndex
+from .modo import ESTIMATE_HELP, Estimate, SimplexState, SimplexWeighting, project_onto_simplex, sampled_matrix
 
 __all__ = ["SDMGrad", "SDMGradOptions", "SDMGradState"]
 
@@ -28,14 +25,10 @@ class SDMGradOptions(PluginOptions):
     estimate: Estimate = Field("naive", description=ESTIMATE_HELP)
 
 
-class SDMGradState(TypedDict):
-    """State of :class:`SDMGrad`: the inner weights of every task seen, over ``names``."""
-
-    names: list[str]  # every task seen so far, in order of first appearance
-    weights: Tensor  # [m] w, on the simplex over the tasks of the last step they took part in
+SDMGradState = SimplexState  # the inner weights w of every task seen, over ``names``
 
 
-class SDMGrad(GramWeighting[SDMGradState]):
+class SDMGrad(SimplexWeighting):
     """A stochastic MGDA direction kept within reach of the mean gradient (Xiao et al. 2023).
 
     Xiao, Ban, Ji, *Direction-oriented Multi-objective Learning: Simple and Provable Stochastic
@@ -73,15 +66,6 @@ class SDMGrad(GramWeighting[SDMGradState]):
     name = "sdmgrad"
     Options = SDMGradOptions
     options: SDMGradOptions
-
-    def init(self) -> SDMGradState:
-        return SDMGradState(names=[], weights=torch.zeros(0, dtype=torch.float64))
-
-    def check_state(self, state: SDMGradState) -> None:
-        """One weight per stored name, none negative."""
-        super().check_state(state)
-        check_named_state(state, vectors=("weights",))
-        check_nonnegative(state["weights"], "weights")
 
     def weigh(self, stats: GroupStats, state: SDMGradState) -> tuple[Tensor, SDMGradState]:
         opts = self.options
