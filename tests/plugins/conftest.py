@@ -50,6 +50,13 @@ def torchjd_aggregation(request):
     return pytest.importorskip("torchjd.aggregation")
 
 
+@pytest.fixture
+def scalarization(request):
+    """The ``torchjd.scalarization`` module (torchjd 0.18); only for tests marked ``anchors``."""
+    _require_anchors_marker(request)
+    return pytest.importorskip("torchjd.scalarization")
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Plugin tests work on k×k matrices: thread start-up costs more than it saves, and on a

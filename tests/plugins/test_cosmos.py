@@ -11,16 +11,8 @@ from balancer import Balancer, GroupStats
 from balancer.errors import PluginError
 from balancer.plugins import COSMOS
 from tests.conftest import group_loss, make_batches, make_model
-from tests.plugins.conftest import _require_anchors_marker
 
 F64 = torch.float64
-
-
-@pytest.fixture
-def scalarization(request):  # type: ignore[no-untyped-def]
-    """``torchjd.scalarization`` (torchjd 0.18); only for tests marked ``anchors``."""
-    _require_anchors_marker(request)
-    return pytest.importorskip("torchjd.scalarization")
 
 
 def _weights(plugin: COSMOS, losses, names=None):  # type: ignore[no-untyped-def]

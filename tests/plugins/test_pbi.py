@@ -7,17 +7,9 @@ import pytest
 import torch
 
 from balancer.plugins import PBI
-from tests.plugins.conftest import _require_anchors_marker
 from tests.plugins.test_cosmos import _balancer_and_scalarized_updates, _close, _gradient, _weights
 
 F64 = torch.float64
-
-
-@pytest.fixture
-def scalarization(request):  # type: ignore[no-untyped-def]
-    """``torchjd.scalarization`` (torchjd 0.18); only for tests marked ``anchors``."""
-    _require_anchors_marker(request)
-    return pytest.importorskip("torchjd.scalarization")
 
 
 def _plugin(theta: float, r: torch.Tensor, z: torch.Tensor | None = None) -> PBI:

@@ -8,17 +8,9 @@ import torch
 
 from balancer.errors import PluginError
 from balancer.plugins import STCH
-from tests.plugins.conftest import _require_anchors_marker
 from tests.plugins.test_cosmos import _balancer_and_scalarized_updates, _close, _gradient, _weights
 
 F64 = torch.float64
-
-
-@pytest.fixture
-def scalarization(request):  # type: ignore[no-untyped-def]
-    """``torchjd.scalarization`` (torchjd 0.18); only for tests marked ``anchors``."""
-    _require_anchors_marker(request)
-    return pytest.importorskip("torchjd.scalarization")
 
 
 def _plugin(mu: float, r: torch.Tensor, z: torch.Tensor | None = None) -> STCH:
